@@ -1,0 +1,41 @@
+# aiMindServe: `make run` runs the product, `make test` runs every test. Both start with `make setup`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.requirements.sha256
+
+.PHONY: run test setup venv backend migrate lint test-postgres clean
+
+run: setup
+	$(PY) manage.py up
+
+test: setup
+	$(PY) -m pytest
+
+setup: venv backend migrate
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aiMindServe needs Python 3.11 or newer")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	sha256sum requirements.txt > $(STAMP)
+
+backend: venv
+	$(PY) -m workers_app.backends.llama_box_install
+
+migrate: venv
+	$(PY) manage.py migrate --noinput --verbosity 0
+	$(PY) manage.py bootstrap_admin
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# The same suite against PostgreSQL (DATABASE_URL, default: the local server with trust auth).
+test-postgres: setup
+	AIMIND_TEST_DATABASE_URL=$${AIMIND_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
+		$(PY) -m pytest -m "not e2e"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

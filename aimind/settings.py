@@ -1,0 +1,156 @@
+"""Settings, read from the environment (and a `.env` file in the repo root). See SPEC §2."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from aimind.env import database_from_url, env_bool, env_float, env_int, env_path, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+load_dotenv(BASE_DIR / ".env", override=False)
+
+DATA_DIR = env_path("AIMIND_DATA_DIR", "./data")
+CACHE_DIR = env_path("AIMIND_CACHE_DIR", "~/.cache/aimind")
+HOST = env_str("AIMIND_HOST", "127.0.0.1")
+PORT = env_int("AIMIND_PORT", 8000, minimum=1, maximum=65535)
+SERVER_URL = env_str("AIMIND_SERVER_URL", "").rstrip("/")
+WORKER_NAME = env_str("AIMIND_WORKER_NAME", socket.gethostname())
+WORKER_IP = env_str("AIMIND_WORKER_IP", "")
+REDIS_URL = env_str("REDIS_URL", "")
+
+# Cluster timings; tests shorten them through the environment, never by sleeping for minutes.
+HEARTBEAT_INTERVAL = env_float("AIMIND_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
+WORKER_STALE_AFTER = env_float("AIMIND_WORKER_STALE_AFTER", 60.0, minimum=1.0)
+HEALTH_CHECK_INTERVAL = env_float("AIMIND_HEALTH_CHECK_INTERVAL", 1.0, minimum=0.1)
+BACKEND_START_TIMEOUT = env_float("AIMIND_BACKEND_START_TIMEOUT", 600.0, minimum=1.0)
+BACKEND_PORT_RANGE = (env_int("AIMIND_BACKEND_PORT_MIN", 40000, minimum=1024, maximum=65535),
+                      env_int("AIMIND_BACKEND_PORT_MAX", 41000, minimum=1024, maximum=65535))
+
+SECRET_KEY_FILE = DATA_DIR / "secret_key"
+DEBUG = env_bool("AIMIND_DEBUG", False)
+ALLOWED_HOSTS = ["*"]  # the product is reached by IP from other nodes; auth guards every route
+
+
+def _secret_key() -> str:
+    from django.core.management.utils import get_random_secret_key
+
+    explicit = env_str("AIMIND_SECRET_KEY", "")
+    if explicit:
+        return explicit
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    if not SECRET_KEY_FILE.exists():
+        SECRET_KEY_FILE.write_text(get_random_secret_key())
+        SECRET_KEY_FILE.chmod(0o600)
+    return SECRET_KEY_FILE.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "django_celery_beat",
+    "channels",
+    "aimind",
+    "models_app",
+    "workers_app",
+    "scheduler_app",
+    "gateway_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "aimind.urls"
+ASGI_APPLICATION = "aimind.asgi.application"
+APPEND_SLASH = False
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+
+DATABASES = {"default": database_from_url(env_str("DATABASE_URL", ""), sqlite_path=DATA_DIR / "db.sqlite3")}
+if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
+    # Writers take the lock when a transaction begins, so concurrent placements serialise instead of racing.
+    DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = []
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+LOGIN_URL = "/admin/login/"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "gateway_app.authentication.ApiKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": None,
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {"TITLE": "aiMindServe API", "VERSION": "1", "SERVE_INCLUDE_SCHEMA": False}
+
+# Celery: the scheduler consumes "scheduler"; each worker consumes its own "worker.<name>".
+CELERY_BROKER_URL = REDIS_URL or "redis://127.0.0.1:6379/0"
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_DEFAULT_QUEUE = "scheduler"
+CELERY_TASK_ROUTES = {"scheduler_app.tasks.*": {"queue": "scheduler"}}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_BEAT_SCHEDULE = {
+    "mark-stale-workers": {"task": "workers_app.tasks.mark_stale_workers", "schedule": 10.0,
+                           "options": {"queue": "scheduler", "expires": 10}},
+    "schedule-pending-instances": {"task": "scheduler_app.tasks.schedule_pending_instances", "schedule": 15.0,
+                                   "options": {"queue": "scheduler", "expires": 15}},
+}
+
+CHANNEL_LAYERS = {
+    "default": (
+        {"BACKEND": "channels_redis.core.RedisChannelLayer", "CONFIG": {"hosts": [REDIS_URL]}}
+        if REDIS_URL else {"BACKEND": "channels.layers.InMemoryChannelLayer"}
+    )
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("AIMIND_LOG_LEVEL", "INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}

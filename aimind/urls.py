@@ -1,0 +1,25 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from models_app.api import ModelInstanceViewSet, ModelViewSet
+from scheduler_app.api import EvaluationView
+from workers_app.api import GpuListView, WorkerViewSet
+
+router = SimpleRouter()
+router.trailing_slash = "/?"  # SPEC routes have no trailing slash; accept both
+router.register("models", ModelViewSet, basename="model")
+router.register("instances", ModelInstanceViewSet, basename="instance")
+router.register("workers", WorkerViewSet, basename="worker")
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/v1/gpus", GpuListView.as_view(), name="gpu-list"),
+    path("api/v1/evaluations", EvaluationView.as_view(), name="evaluations"),
+    path("api/v1/", include(router.urls)),
+    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("v1/", include("gateway_app.urls")),
+    path("", include("models_app.urls")),
+]

@@ -1,0 +1,142 @@
+"""The OpenAI-compatible /v1 routes: authenticate, pick a running instance, pass the request through."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import httpx
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.utils import timezone
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from gateway_app.authentication import bearer_token
+from gateway_app.models import ApiKey, hash_key
+from gateway_app.routing import NoRunningInstance, UnknownModel, pick_upstream
+from models_app.choices import InstanceState
+from models_app.models import Model
+
+logger = logging.getLogger(__name__)
+
+# Headers that describe one hop, not the message; never passed through.
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host",
+                "authorization", "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate"}
+_clients: dict[int, httpx.AsyncClient] = {}
+
+
+def _client() -> httpx.AsyncClient:
+    """One pooled client per event loop (uvicorn runs one)."""
+    loop_id = id(asyncio.get_running_loop())
+    client = _clients.get(loop_id)
+    if client is None:
+        client = httpx.AsyncClient(timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0),
+                                   limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+        _clients[loop_id] = client
+    return client
+
+
+def openai_error(status: int, message: str, type_: str, code: str | None = None) -> JsonResponse:
+    return JsonResponse({"error": {"message": message, "type": type_, "code": code}}, status=status)
+
+
+async def _authenticated(request: HttpRequest) -> bool:
+    token = bearer_token(request.headers.get("Authorization"))
+    if token is None:
+        return False
+    key = await ApiKey.objects.select_related("user").filter(key_hash=hash_key(token)).afirst()
+    if key is None or not key.user.is_active:
+        return False
+    await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=timezone.now())
+    return True
+
+
+def _unauthorized() -> JsonResponse:
+    response = openai_error(401, "Missing or invalid API key. Send 'Authorization: Bearer <api key>'.",
+                            "invalid_request_error", "invalid_api_key")
+    response["WWW-Authenticate"] = 'Bearer realm="gateway"'
+    return response
+
+
+@csrf_exempt
+@require_GET
+async def list_models(request: HttpRequest) -> HttpResponse:
+    if not await _authenticated(request):
+        return _unauthorized()
+    data = []
+    async for model in Model.objects.order_by("name"):
+        ready = await model.instances.filter(state=InstanceState.RUNNING).acount()
+        data.append({"id": model.name, "object": "model", "created": int(model.created_at.timestamp()),
+                     "owned_by": "aimind", "categories": model.categories, "ready_replicas": ready})
+    return JsonResponse({"object": "list", "data": data})
+
+
+def _requested_model(request: HttpRequest) -> tuple[str | None, bool, str | None]:
+    """(model name, wants a stream, error) from a JSON or multipart body."""
+    content_type = request.content_type or ""
+    if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
+        return request.POST.get("model"), request.POST.get("stream") in ("true", "True", "1"), None
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return None, False, "The request body is not valid JSON."
+    if not isinstance(body, dict):
+        return None, False, "The request body must be a JSON object."
+    return body.get("model"), bool(body.get("stream")), None
+
+
+@csrf_exempt
+@require_POST
+async def proxy(request: HttpRequest, route: str) -> HttpResponse:
+    if not await _authenticated(request):
+        return _unauthorized()
+    model_name, stream, problem = _requested_model(request)
+    if problem:
+        return openai_error(400, problem, "invalid_request_error", "invalid_body")
+    if not model_name or not isinstance(model_name, str):
+        return openai_error(400, "The 'model' field is required.", "invalid_request_error", "model_required")
+    try:
+        upstream = await pick_upstream(model_name)
+    except UnknownModel:
+        return openai_error(404, f"The model '{model_name}' does not exist.", "invalid_request_error",
+                            "model_not_found")
+    except NoRunningInstance:
+        return openai_error(503, f"The model '{model_name}' has no running instance.", "service_unavailable",
+                            "no_running_instance")
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    client = _client()
+    outgoing = client.build_request("POST", f"{upstream.base_url}/v1/{route}", content=request.body, headers=headers)
+    try:
+        response = await client.send(outgoing, stream=True)
+    except httpx.HTTPError as exc:
+        logger.warning("instance %s unreachable: %s", upstream.instance_id, exc)
+        return openai_error(502, f"The instance serving '{model_name}' could not be reached.", "api_error",
+                            "upstream_unreachable")
+    passed = {k: v for k, v in response.headers.items() if k.lower() not in _HOP_HEADERS}
+    if stream or response.headers.get("content-type", "").startswith("text/event-stream"):
+        return _streamed(response, passed)
+    body = await response.aread()
+    await response.aclose()
+    reply = HttpResponse(body, status=response.status_code)
+    for k, v in passed.items():
+        reply[k] = v
+    return reply
+
+
+def _streamed(response: httpx.Response, headers: dict[str, str]) -> StreamingHttpResponse:
+    async def chunks():
+        try:
+            async for chunk in response.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as exc:
+            logger.warning("stream from backend broke: %s", exc)
+        finally:
+            await response.aclose()
+
+    reply = StreamingHttpResponse(chunks(), status=response.status_code)
+    for k, v in headers.items():
+        reply[k] = v
+    reply["Cache-Control"] = "no-cache"
+    reply["X-Accel-Buffering"] = "no"  # tell any proxy in front not to buffer the stream
+    return reply

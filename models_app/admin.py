@@ -1,0 +1,99 @@
+from django.contrib import admin, messages
+from django.db.models import Count, Q
+from django.utils.html import format_html
+
+from models_app import actions
+from models_app.choices import InstanceState
+from models_app.models import Model, ModelInstance
+
+
+def state_badge(state: str, label: str):
+    return format_html('<span style="color:#fff;background:{};padding:1px 6px;border-radius:4px">{}</span>',
+                       InstanceState.colour(state), label)
+
+
+class ModelInstanceInline(admin.TabularInline):
+    model = ModelInstance
+    fields = ["name", "worker", "gpu_indexes", "port", "state", "state_message", "restart_count"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Model)
+class ModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "source", "source_display", "replicas", "ready", "backend", "placement_strategy",
+                    "updated_at"]
+    list_filter = ["source", "backend", "placement_strategy", "cpu_offloading"]
+    search_fields = ["name", "description", "huggingface_repo_id", "model_scope_model_id", "local_path"]
+    inlines = [ModelInstanceInline]
+    actions = ["stop_models", "start_models"]
+    fieldsets = [
+        (None, {"fields": ["name", "description", "replicas", "categories"]}),
+        ("Source", {"fields": ["source", "huggingface_repo_id", "huggingface_filename", "model_scope_model_id",
+                               "model_scope_file_path", "local_path"]}),
+        ("Placement", {"fields": ["placement_strategy", "worker_selector", "gpu_selector", "cpu_offloading",
+                                  "distributed_inference_across_workers"]}),
+        ("Backend", {"fields": ["backend", "backend_version", "backend_parameters", "env", "restart_on_error"]}),
+    ]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(
+            ready_replicas_count=Count("instances", filter=Q(instances__state=InstanceState.RUNNING)))
+
+    @admin.display(description="ready", ordering="ready_replicas_count")
+    def ready(self, obj):
+        return f"{obj.ready_replicas}/{obj.replicas}"
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            actions.do_update_model(obj, {f: form.cleaned_data[f] for f in form.changed_data})
+        else:
+            obj.pk = actions.do_create_model(**{f: form.cleaned_data[f] for f in form.cleaned_data}).pk
+
+    def delete_model(self, request, obj):
+        actions.do_delete_model(obj)
+
+    def delete_queryset(self, request, queryset):
+        for model in queryset:
+            actions.do_delete_model(model)
+
+    @admin.action(description="Stop (replicas → 0)")
+    def stop_models(self, request, queryset):
+        for model in queryset:
+            actions.do_scale_model(model, 0)
+        messages.success(request, f"Stopped {queryset.count()} model(s).")
+
+    @admin.action(description="Start (replicas → 1)")
+    def start_models(self, request, queryset):
+        for model in queryset:
+            actions.do_scale_model(model, 1)
+        messages.success(request, f"Started {queryset.count()} model(s).")
+
+
+@admin.register(ModelInstance)
+class ModelInstanceAdmin(admin.ModelAdmin):
+    list_display = ["name", "model", "worker", "gpu_indexes", "port", "state_label", "state_message",
+                    "restart_count", "next_restart_at", "updated_at"]
+    list_filter = ["state", "model", "worker"]
+    search_fields = ["name", "model__name", "worker__name", "state_message"]
+    readonly_fields = [f.name for f in ModelInstance._meta.fields]
+    change_form_template = "admin/models_app/modelinstance/change_form.html"
+
+    def has_add_permission(self, request):
+        return False
+
+    @admin.display(description="state", ordering="state")
+    def state_label(self, obj):
+        return state_badge(obj.state, obj.get_state_display())
+
+    def delete_model(self, request, obj):
+        actions.do_delete_instance(obj)
+
+    def delete_queryset(self, request, queryset):
+        for instance in queryset:
+            actions.do_delete_instance(instance)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from django.db.models import Count, Q
+from django.http import HttpResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from models_app import actions
+from models_app.choices import InstanceState
+from models_app.models import Model, ModelInstance
+from models_app.serializers import ModelInstanceSerializer, ModelSerializer
+from workers_app.processes import tail_lines
+
+
+class ModelViewSet(viewsets.ModelViewSet):
+    serializer_class = ModelSerializer
+    queryset = Model.objects.annotate(
+        ready_replicas_count=Count("instances", filter=Q(instances__state=InstanceState.RUNNING))
+    ).order_by("id")
+
+    def perform_create(self, serializer):
+        serializer.instance = actions.do_create_model(**serializer.validated_data)
+
+    def perform_update(self, serializer):
+        serializer.instance = actions.do_update_model(serializer.instance, serializer.validated_data)
+
+    def perform_destroy(self, instance):
+        actions.do_delete_model(instance)
+
+    def _scaled(self, replicas: int) -> Response:
+        model = actions.do_scale_model(self.get_object(), replicas)
+        return Response(self.get_serializer(self.get_queryset().get(pk=model.pk)).data)
+
+    @extend_schema(request=None, responses=ModelSerializer)
+    @action(detail=True, methods=["post"])
+    def stop(self, request, pk=None):
+        return self._scaled(0)
+
+    @extend_schema(request=None, responses=ModelSerializer)
+    @action(detail=True, methods=["post"])
+    def start(self, request, pk=None):
+        return self._scaled(1)
+
+    @extend_schema(responses=ModelInstanceSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def instances(self, request, pk=None):
+        model = self.get_object()
+        return Response(ModelInstanceSerializer(model.instances.select_related("worker", "model"), many=True).data)
+
+
+class TailQuery(serializers.Serializer):
+    tail = serializers.IntegerField(min_value=1, max_value=10000, default=200)
+
+
+class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
+                           viewsets.GenericViewSet):
+    serializer_class = ModelInstanceSerializer
+    queryset = ModelInstance.objects.select_related("worker", "model").order_by("id")
+
+    def perform_destroy(self, instance):
+        actions.do_delete_instance(instance)
+
+    @extend_schema(parameters=[TailQuery], responses={(200, "text/plain"): str})
+    @action(detail=True, methods=["get"])
+    def logs(self, request, pk=None):
+        instance = self.get_object()
+        query = TailQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        from django.conf import settings
+
+        path = settings.DATA_DIR / "logs" / "instances" / f"{instance.pk}.log"
+        lines = tail_lines(path, n=query.validated_data["tail"], max_bytes=4 * 1024 * 1024, current_run_only=False)
+        body = "\n".join(lines) + ("\n" if lines else "")
+        return HttpResponse(body, content_type="text/plain; charset=utf-8", status=status.HTTP_200_OK)

@@ -1,0 +1,63 @@
+"""Enumerations for models and instances; the colour per state is shared by admin and pages."""
+
+from django.db import models
+
+
+class SourceChoices(models.TextChoices):
+    HUGGINGFACE = "huggingface", "Hugging Face"
+    MODELSCOPE = "modelscope", "ModelScope"
+    LOCAL_PATH = "local_path", "Local path"
+
+
+class CategoryChoices(models.TextChoices):
+    LLM = "llm", "LLM"
+    EMBEDDING = "embedding", "Embedding"
+    RERANKER = "reranker", "Reranker"
+    IMAGE = "image", "Image"
+    SPEECH_TO_TEXT = "speech_to_text", "Speech to text"
+    TEXT_TO_SPEECH = "text_to_speech", "Text to speech"
+
+
+class PlacementStrategyChoices(models.TextChoices):
+    SPREAD = "spread", "Spread"
+    BINPACK = "binpack", "Binpack"
+
+
+class BackendChoices(models.TextChoices):
+    LLAMA_BOX = "llama-box", "llama-box (llama.cpp)"
+    VLLM = "vllm", "vLLM"
+    VOX_BOX = "vox-box", "vox-box"
+
+
+class InstanceState(models.TextChoices):
+    PENDING = "pending", "Pending"
+    ANALYZING = "analyzing", "Analyzing"
+    SCHEDULED = "scheduled", "Scheduled"
+    INITIALIZING = "initializing", "Initializing"
+    DOWNLOADING = "downloading", "Downloading"
+    STARTING = "starting", "Starting"
+    RUNNING = "running", "Running"
+    ERROR = "error", "Error"
+    UNREACHABLE = "unreachable", "Unreachable"
+
+    @classmethod
+    def colour(cls, state: str) -> str:
+        return _STATE_COLOURS.get(state, "#6c757d")
+
+    @classmethod
+    def on_worker(cls) -> list[str]:
+        """States in which an instance holds (or is about to hold) a process on its worker."""
+        return [cls.SCHEDULED, cls.INITIALIZING, cls.DOWNLOADING, cls.STARTING, cls.RUNNING]
+
+
+_STATE_COLOURS = {
+    InstanceState.PENDING: "#6c757d",
+    InstanceState.ANALYZING: "#6f42c1",
+    InstanceState.SCHEDULED: "#0d6efd",
+    InstanceState.INITIALIZING: "#0dcaf0",
+    InstanceState.DOWNLOADING: "#0dcaf0",
+    InstanceState.STARTING: "#fd7e14",
+    InstanceState.RUNNING: "#198754",
+    InstanceState.ERROR: "#dc3545",
+    InstanceState.UNREACHABLE: "#b02a37",
+}

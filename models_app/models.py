@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from models_app.choices import (
+    BackendChoices,
+    InstanceState,
+    PlacementStrategyChoices,
+    SourceChoices,
+)
+
+
+class Model(models.Model):
+    """A deployable model: where its files come from, how many replicas, how and where to run them."""
+
+    name = models.CharField(max_length=255, unique=True, help_text="Also the name clients use in OpenAI requests.")
+    description = models.TextField(blank=True, default="")
+    source = models.CharField(max_length=32, choices=SourceChoices.choices)
+    huggingface_repo_id = models.CharField(max_length=255, blank=True, default="")
+    huggingface_filename = models.CharField(max_length=255, blank=True, default="")
+    model_scope_model_id = models.CharField(max_length=255, blank=True, default="")
+    model_scope_file_path = models.CharField(max_length=255, blank=True, default="")
+    local_path = models.CharField(max_length=1024, blank=True, default="")
+    replicas = models.PositiveIntegerField(default=1)
+    categories = models.JSONField(default=list, blank=True)
+    placement_strategy = models.CharField(
+        max_length=16, choices=PlacementStrategyChoices.choices, default=PlacementStrategyChoices.SPREAD
+    )
+    worker_selector = models.JSONField(default=dict, blank=True)
+    gpu_selector = models.JSONField(null=True, blank=True)
+    backend = models.CharField(max_length=32, choices=BackendChoices.choices, blank=True, default="")
+    backend_version = models.CharField(max_length=64, blank=True, default="")
+    backend_parameters = models.JSONField(default=list, blank=True)
+    env = models.JSONField(default=dict, blank=True)
+    cpu_offloading = models.BooleanField(default=True)
+    distributed_inference_across_workers = models.BooleanField(default=True)
+    restart_on_error = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def source_display(self) -> str:
+        if self.source == SourceChoices.HUGGINGFACE:
+            return f"{self.huggingface_repo_id}/{self.huggingface_filename}".rstrip("/")
+        if self.source == SourceChoices.MODELSCOPE:
+            return f"{self.model_scope_model_id}/{self.model_scope_file_path}".rstrip("/")
+        return self.local_path
+
+    @property
+    def ready_replicas(self) -> int:
+        annotated = getattr(self, "ready_replicas_count", None)
+        if annotated is not None:
+            return annotated
+        return self.instances.filter(state=InstanceState.RUNNING).count()
+
+
+class ModelInstance(models.Model):
+    """One replica of a model, placed on a worker and backed by one backend process there."""
+
+    name = models.CharField(max_length=255)
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="instances")
+    worker = models.ForeignKey(
+        "workers_app.Worker", on_delete=models.SET_NULL, null=True, blank=True, related_name="instances"
+    )
+    gpu_indexes = models.JSONField(default=list, blank=True)
+    port = models.PositiveIntegerField(null=True, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    state = models.CharField(max_length=16, choices=InstanceState.choices, default=InstanceState.PENDING)
+    state_message = models.TextField(blank=True, default="")
+    download_progress = models.FloatField(default=0)
+    restart_count = models.PositiveIntegerField(default=0)
+    last_restart_at = models.DateTimeField(null=True, blank=True)
+    next_restart_at = models.DateTimeField(null=True, blank=True)
+    computed_resource_claim = models.JSONField(default=dict, blank=True)
+    distributed_servers = models.JSONField(default=list, blank=True)
+    resolved_path = models.CharField(max_length=1024, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [
+            # The scheduler's hot query: what is still waiting for a place.
+            models.Index(fields=["state"], name="instance_pending_idx", condition=Q(state=InstanceState.PENDING)),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def state_colour(self) -> str:
+        return InstanceState.colour(self.state)

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rest_framework import serializers
+
+from models_app.choices import CategoryChoices, SourceChoices
+from models_app.models import Model, ModelInstance
+from scheduler_app.estimators.gguf import BackendParameterError, parse_backend_parameters
+from workers_app.backends.params import validate_parameters
+
+RESERVED_BACKEND_FLAGS = frozenset({"--host", "--port", "-m", "--model", "--alias", "-a"})
+GGUF_MAGIC = b"GGUF"
+
+_REQUIRED_BY_SOURCE = {
+    SourceChoices.HUGGINGFACE: ["huggingface_repo_id"],
+    SourceChoices.MODELSCOPE: ["model_scope_model_id"],
+    SourceChoices.LOCAL_PATH: ["local_path"],
+}
+
+
+def _check_visible_local_path(path: Path) -> str | None:
+    """Problems the server can see; a path it cannot see is left for the worker to report."""
+    if not path.is_absolute():
+        return "must be an absolute path"
+    if not path.exists():
+        return None
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable"
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            with open(path, "rb") as f:
+                if f.read(4) != GGUF_MAGIC:
+                    return f"{path} is not a GGUF file"
+        except OSError as exc:
+            return f"{path} cannot be read: {exc.strerror}"
+    return None
+
+
+class ModelSerializer(serializers.ModelSerializer):
+    replicas = serializers.IntegerField(min_value=0, default=1)
+    ready_replicas = serializers.IntegerField(read_only=True)
+    categories = serializers.ListField(child=serializers.ChoiceField(CategoryChoices.choices), required=False)
+    backend_parameters = serializers.ListField(child=serializers.CharField(allow_blank=False), required=False)
+    worker_selector = serializers.DictField(child=serializers.CharField(), required=False)
+    env = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+
+    class Meta:
+        model = Model
+        fields = [
+            "id", "name", "description", "source", "huggingface_repo_id", "huggingface_filename",
+            "model_scope_model_id", "model_scope_file_path", "local_path", "replicas", "ready_replicas",
+            "categories", "placement_strategy", "worker_selector", "gpu_selector", "backend", "backend_version",
+            "backend_parameters", "env", "cpu_offloading", "distributed_inference_across_workers",
+            "restart_on_error", "created_at", "updated_at",
+        ]
+        read_only_fields = ["created_at", "updated_at"]
+
+    def validate_gpu_selector(self, value):
+        if value in (None, {}):
+            return None
+        ids = value.get("gpu_ids") if isinstance(value, dict) else None
+        if not isinstance(ids, list) or not ids:
+            raise serializers.ValidationError('expected {"gpu_ids": ["<worker name>:<gpu index>", ...]}')
+        for gpu_id in ids:
+            worker, sep, index = str(gpu_id).rpartition(":")
+            if not sep or not worker or not index.isdigit():
+                raise serializers.ValidationError(f"{gpu_id!r} is not of the form <worker name>:<gpu index>")
+        return {"gpu_ids": [str(i) for i in ids]}
+
+    def validate_backend_parameters(self, value):
+        problems = validate_parameters(value, RESERVED_BACKEND_FLAGS)
+        if not problems:
+            try:
+                parse_backend_parameters(value)
+            except BackendParameterError as exc:
+                problems = [str(exc)]
+        if problems:
+            raise serializers.ValidationError(problems)
+        return value
+
+    def validate(self, attrs):
+        merged = {f: getattr(self.instance, f) for f in self.Meta.fields if self.instance is not None
+                  and hasattr(self.instance, f)}
+        merged.update(attrs)
+        source = merged.get("source")
+        errors = {}
+        for field in _REQUIRED_BY_SOURCE.get(source, []):
+            if not (merged.get(field) or "").strip():
+                errors[field] = [f"required when source is {source}"]
+        if source == SourceChoices.LOCAL_PATH and merged.get("local_path") and "local_path" not in errors:
+            problem = _check_visible_local_path(Path(merged["local_path"]))
+            if problem:
+                errors["local_path"] = [problem]
+        if errors:
+            raise serializers.ValidationError(errors)
+        return attrs
+
+
+class ModelInstanceSerializer(serializers.ModelSerializer):
+    worker_name = serializers.CharField(source="worker.name", read_only=True, default=None)
+    model_name = serializers.CharField(source="model.name", read_only=True)
+
+    class Meta:
+        model = ModelInstance
+        fields = [
+            "id", "name", "model", "model_name", "worker", "worker_name", "gpu_indexes", "port", "pid", "state",
+            "state_message", "download_progress", "restart_count", "last_restart_at", "next_restart_at",
+            "computed_resource_claim", "distributed_servers", "created_at", "updated_at",
+        ]
+        read_only_fields = fields

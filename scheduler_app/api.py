@@ -1,0 +1,52 @@
+"""POST /api/v1/evaluations: the scheduler's answer for model specs, without deploying anything."""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import serializers
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from models_app.models import Model
+from models_app.serializers import ModelSerializer
+from scheduler_app.estimate import EstimateError, estimate_model
+from scheduler_app.scheduler import find_placement
+from workers_app.models import Worker
+
+
+class EvaluationSpecSerializer(ModelSerializer):
+    name = serializers.CharField(required=False, default="evaluation")
+
+    class Meta(ModelSerializer.Meta):
+        extra_kwargs = {"name": {"validators": []}}
+
+
+class EvaluationRequestSerializer(serializers.Serializer):
+    model_specs = serializers.ListField(child=serializers.DictField(), min_length=1, max_length=100)
+
+
+def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
+    serializer = EvaluationSpecSerializer(data=spec)
+    if not serializer.is_valid():
+        return {"compatible": False, "message": f"invalid model spec: {serializer.errors}", "placement": None}
+    model = Model(**serializer.validated_data)  # never saved
+    try:
+        est = estimate_model(model)
+    except EstimateError as exc:
+        return {"compatible": False, "message": str(exc), "placement": None}
+    result = find_placement(model, est, workers)
+    if result.candidate is None:
+        return {"compatible": False, "message": result.message, "placement": None}
+    chosen = result.candidate
+    return {"compatible": True, "message": result.message, "placement": {
+        "worker_name": chosen.worker_name, "gpu_indexes": chosen.gpu_indexes,
+        "computed_resource_claim": chosen.claim, "distributed_servers": []}}
+
+
+class EvaluationView(APIView):
+    @extend_schema(request=EvaluationRequestSerializer, responses={200: dict})
+    def post(self, request):
+        body = EvaluationRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        workers = list(Worker.objects.order_by("id"))
+        return Response({"results": [evaluate_spec(spec, workers) for spec in body.validated_data["model_specs"]]})

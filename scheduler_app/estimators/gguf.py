@@ -1,0 +1,210 @@
+"""Resource claims for llama.cpp's llama-server, from a GGUF header.
+
+Model: llama.cpp mmaps the weights, keeps the token embedding on the CPU, and offloads the last
+`k - 1` repeating blocks plus the output layer when `-ngl k` (k = n_layer + 1 is full offload). The KV
+cache lives with its layer. Compute buffers are an allowance (see `compute_buffer_bytes`), and the
+process itself costs `PROCESS_OVERHEAD` of RAM. Constants are calibrated by bench/estimate_accuracy.py.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from scheduler_app.estimators.gguf_reader import ArrayInfo, GGUFHeader
+
+PROCESS_OVERHEAD = 48 * 1024**2  # llama-server's own code, heap and HTTP threads, measured on a tiny model
+UBATCH = 512  # llama-server's default -ub
+POOLING_NONE, POOLING_RANK = 0, 4
+EMBEDDING_ARCHITECTURES = {"bert", "nomic-bert", "jina-bert-v2", "nomic-bert-moe", "t5encoder"}
+CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
+                    "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass
+class GGUFModelInfo:
+    architecture: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    context_length: int
+    pooling_type: int | None
+    weight_bytes: int
+    layer_bytes: list[int]
+    non_layer_bytes: int
+    output_bytes: int
+    token_embd_bytes: int = 0
+    n_vocab: int = 0
+    n_ff: int = 0
+    file_type: int | None = None
+    categories: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LlamaBoxClaim:
+    ram: int
+    vram: dict[int, int]  # position in the instance's GPU list -> bytes
+    offload_layers: int
+    total_layers: int
+    tensor_split: list[float] | None = None
+
+
+def _first_int(value, default: int = 0) -> int:
+    """Per-layer values (lists) count by their maximum; missing means default."""
+    if value is None or isinstance(value, ArrayInfo):
+        return default
+    if isinstance(value, list):
+        return int(max(value)) if value else default
+    return int(value)
+
+
+def _categories(architecture: str, pooling_type: int | None, name: str) -> list[str]:
+    if pooling_type == POOLING_RANK or "rerank" in name.lower():
+        return ["reranker"]
+    if (pooling_type is not None and pooling_type != POOLING_NONE) or architecture in EMBEDDING_ARCHITECTURES:
+        return ["embedding"]
+    return ["llm"]
+
+
+def model_info(headers: list[GGUFHeader]) -> GGUFModelInfo:
+    """One model from its header(s); split files carry metadata in the first part, tensors in all."""
+    first = headers[0]
+    tensors = [t for h in headers for t in h.tensors]
+    n_layer = _first_int(first.arch_get("block_count"))
+    layer_bytes = [0] * n_layer
+    by_name = {}
+    for t in tensors:
+        by_name[t.name] = t
+        match = _BLOCK_RE.match(t.name)
+        if match and int(match[1]) < n_layer:
+            layer_bytes[int(match[1])] += t.n_bytes
+    weight_bytes = sum(t.n_bytes for t in tensors)
+    token_embd = by_name.get("token_embd.weight")
+    output = by_name.get("output.weight") or token_embd  # tied embeddings: the output reuses token_embd
+    n_embd = _first_int(first.arch_get("embedding_length"))
+    n_head = _first_int(first.arch_get("attention.head_count"), 1) or 1
+    n_head_kv = _first_int(first.arch_get("attention.head_count_kv"), n_head) or n_head
+    tokens = first.get("tokenizer.ggml.tokens")
+    n_vocab = len(tokens) if tokens is not None else (token_embd.shape[-1] if token_embd else 0)
+    pooling = first.arch_get("pooling_type")
+    architecture = first.architecture
+    return GGUFModelInfo(
+        architecture=architecture,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=_first_int(first.arch_get("attention.key_length"), n_embd // n_head),
+        head_dim_v=_first_int(first.arch_get("attention.value_length"), n_embd // n_head),
+        context_length=_first_int(first.arch_get("context_length")),
+        pooling_type=None if pooling is None else int(pooling),
+        weight_bytes=weight_bytes,
+        layer_bytes=layer_bytes,
+        non_layer_bytes=weight_bytes - sum(layer_bytes),
+        output_bytes=output.n_bytes if output else 0,
+        token_embd_bytes=token_embd.n_bytes if token_embd else 0,
+        n_vocab=n_vocab,
+        n_ff=_first_int(first.arch_get("feed_forward_length")),
+        file_type=first.get("general.file_type"),
+        categories=_categories(architecture, None if pooling is None else int(pooling),
+                               str(first.get("general.name", ""))),
+    )
+
+
+def kv_cache_bytes(info: GGUFModelInfo, ctx_size: int, layers: int, cache_type_k: str = "f16",
+                   cache_type_v: str = "f16") -> int:
+    per_token = info.n_head_kv * (info.head_dim_k * CACHE_TYPE_BYTES.get(cache_type_k, 2.0)
+                                  + info.head_dim_v * CACHE_TYPE_BYTES.get(cache_type_v, 2.0))
+    return int(layers * ctx_size * per_token)
+
+
+def compute_buffer_bytes(info: GGUFModelInfo, ctx_size: int) -> int:
+    """Scratch for one micro-batch: logits, activations and attention scores, in f32."""
+    logits = info.n_vocab * UBATCH * 4
+    activations = (4 * info.n_embd + 2 * info.n_ff) * UBATCH * 4
+    attention = info.n_head * min(ctx_size, 4096) * UBATCH * 4 // 8  # flash attention tiles the scores
+    return logits + activations + attention
+
+
+def _split_layers(n: int, weights: list[float]) -> list[int]:
+    """Whole layers per GPU in proportion to `weights` (largest remainder)."""
+    total = sum(weights) or 1.0
+    exact = [n * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - counts[i], reverse=True)[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int | None = None, gpu_count: int = 0,
+             tensor_split: list[float] | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
+             parallel: int = 4) -> LlamaBoxClaim:
+    """The claim for offloading `offload_layers` of n_layer + 1 layers across `gpu_count` GPUs (0 = CPU only)."""
+    total_layers = info.n_layer + 1
+    k = total_layers if offload_layers is None else max(0, min(offload_layers, total_layers))
+    if gpu_count <= 0:
+        k = 0
+    compute = compute_buffer_bytes(info, ctx_size)
+    kv_per_layer = kv_cache_bytes(info, ctx_size, 1, cache_type_k, cache_type_v)
+    gpu_blocks = max(0, k - 1)  # the output layer is the first one offloaded
+    cpu_blocks = info.n_layer - gpu_blocks
+    ram = (PROCESS_OVERHEAD + info.non_layer_bytes + sum(info.layer_bytes[:cpu_blocks])
+           + cpu_blocks * kv_per_layer + compute)
+    if k == 0:
+        return LlamaBoxClaim(ram=int(ram), vram={}, offload_layers=0, total_layers=total_layers)
+    ram -= info.output_bytes if info.output_bytes != info.token_embd_bytes else 0
+    weights = tensor_split if tensor_split and len(tensor_split) == gpu_count else [1.0] * gpu_count
+    counts = _split_layers(gpu_blocks, weights)
+    vram: dict[int, int] = {}
+    block = cpu_blocks
+    for gpu, count in enumerate(counts):
+        layer_weights = sum(info.layer_bytes[block:block + count])
+        block += count
+        vram[gpu] = layer_weights + count * kv_per_layer + compute
+    vram[gpu_count - 1] += info.output_bytes  # the output layer goes with the last GPU
+    return LlamaBoxClaim(ram=int(ram), vram={g: int(v) for g, v in vram.items()}, offload_layers=k,
+                         total_layers=total_layers, tensor_split=tensor_split)
+
+
+_FLAG_ALIASES = {"-c": "ctx_size", "--ctx-size": "ctx_size", "-ngl": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
+                 "--gpu-layers": "n_gpu_layers", "-ts": "tensor_split", "--tensor-split": "tensor_split",
+                 "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k", "-ctv": "cache_type_v",
+                 "--cache-type-v": "cache_type_v", "-np": "parallel", "--parallel": "parallel"}
+_INT_KEYS = {"ctx_size", "n_gpu_layers", "parallel"}
+
+
+class BackendParameterError(ValueError):
+    pass
+
+
+def parse_backend_parameters(params: list[str]) -> dict:
+    """The estimate-relevant llama-server flags, from `--p=v`, `--p v` (two items) or `-c 4096`."""
+    found: dict = {}
+    i = 0
+    while i < len(params):
+        flag, eq, value = params[i].partition("=")
+        key = _FLAG_ALIASES.get(flag)
+        if key is None:
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(params):
+                raise BackendParameterError(f"{flag} needs a value")
+            value = params[i + 1]
+            i += 1
+        i += 1
+        try:
+            if key in _INT_KEYS:
+                found[key] = int(value)
+            elif key == "tensor_split":
+                found[key] = [float(x) for x in re.split(r"[,/]", value) if x]
+            else:
+                found[key] = value.lower()
+        except ValueError:
+            raise BackendParameterError(f"{flag} expects {'an integer' if key in _INT_KEYS else 'numbers'}, "
+                                        f"got {value!r}") from None
+    return found

@@ -1,0 +1,88 @@
+"""Workers join with the cluster token, heartbeat, and go not_ready when silent."""
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from rest_framework.test import APIClient
+
+from models_app.models import Model, ModelInstance
+from tests.factories import cpu_status, make_worker
+from workers_app.models import Worker
+from workers_app.tasks import mark_stale_workers
+
+pytestmark = pytest.mark.django_db
+
+
+def token_client(token="test-cluster-token"):
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    return client
+
+
+def test_worker_registers_with_the_cluster_token():
+    response = token_client().post("/api/v1/workers", {"name": "w1", "ip": "10.0.0.5", "labels": {"zone": "a"},
+                                                       "status": cpu_status(32)}, format="json")
+    assert response.status_code == 201, response.data
+    worker = Worker.objects.get(name="w1")
+    assert worker.state == "ready"
+    assert worker.ram_total == 32 * 1024**3
+    assert worker.labels == {"zone": "a"}
+
+
+def test_registering_again_updates_the_same_worker():
+    token_client().post("/api/v1/workers", {"name": "w1", "status": cpu_status(8)}, format="json")
+    again = token_client().post("/api/v1/workers", {"name": "w1", "status": cpu_status(16)}, format="json")
+    assert again.status_code == 201
+    assert Worker.objects.count() == 1
+    assert Worker.objects.get().ram_total == 16 * 1024**3
+
+
+def test_wrong_token_cannot_register():
+    response = token_client("wrong").post("/api/v1/workers", {"name": "w1"}, format="json")
+    assert response.status_code in (401, 403)
+    assert not Worker.objects.exists()
+
+
+def test_api_key_is_not_a_cluster_token(api):
+    assert api.post("/api/v1/workers", {"name": "w1"}, format="json").status_code in (401, 403)
+
+
+def test_heartbeat_refreshes_the_worker():
+    worker = make_worker("w1", last_heartbeat_at=timezone.now() - timedelta(seconds=30))
+    response = token_client().post(f"/api/v1/workers/{worker.pk}/heartbeat", {"status": cpu_status(4)},
+                                   format="json")
+    assert response.status_code == 200
+    worker.refresh_from_db()
+    assert timezone.now() - worker.last_heartbeat_at < timedelta(seconds=5)
+    assert worker.ram_total == 4 * 1024**3
+
+
+def test_silent_worker_becomes_not_ready_and_its_instances_unreachable():
+    silent = make_worker("silent", last_heartbeat_at=timezone.now() - timedelta(seconds=61))
+    fresh = make_worker("fresh")
+    model = Model.objects.create(name="m", source="local_path", local_path="/m.gguf")
+    instance = ModelInstance.objects.create(model=model, name="m-1", worker=silent, state="running")
+    assert mark_stale_workers() == 1
+    silent.refresh_from_db()
+    fresh.refresh_from_db()
+    instance.refresh_from_db()
+    assert silent.state == "not_ready"
+    assert fresh.state == "ready"
+    assert instance.state == "unreachable"
+
+
+def test_operator_edits_labels(api):
+    worker = make_worker("w1", labels={"zone": "a"})
+    response = api.patch(f"/api/v1/workers/{worker.pk}", {"labels": {"zone": "b"}}, format="json")
+    assert response.status_code == 200, response.data
+    assert response.data["labels"] == {"zone": "b"}
+    assert response.data["name"] == "w1"
+
+
+def test_gpu_list_names_gpus_by_worker_and_index(api):
+    from tests.factories import gpu_status
+
+    make_worker("g1", status=gpu_status([24, 24]))
+    ids = [g["id"] for g in api.get("/api/v1/gpus").data]
+    assert ids == ["g1:0", "g1:1"]

@@ -1,0 +1,67 @@
+"""State changes of workers: join, heartbeat, label edits, removal."""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from models_app.choices import InstanceState
+from models_app.models import ModelInstance
+from workers_app.choices import WorkerState
+from workers_app.models import Worker
+
+
+def _after_commit_schedule_pending() -> None:
+    def send() -> None:
+        from scheduler_app.tasks import schedule_pending_instances
+
+        schedule_pending_instances.delay()
+
+    transaction.on_commit(send)
+
+
+@transaction.atomic
+def do_register_worker(data: dict) -> Worker:
+    fields = {k: v for k, v in data.items() if k != "name"}
+    worker, created = Worker.objects.update_or_create(
+        name=data["name"],
+        defaults={**fields, "state": WorkerState.READY, "state_message": "", "last_heartbeat_at": timezone.now()},
+    )
+    _after_commit_schedule_pending()
+    return worker
+
+
+@transaction.atomic
+def do_heartbeat(worker: Worker, status: dict | None) -> Worker:
+    was_ready = worker.state == WorkerState.READY
+    worker.last_heartbeat_at = timezone.now()
+    worker.state = WorkerState.READY
+    worker.state_message = ""
+    update = ["last_heartbeat_at", "state", "state_message", "updated_at"]
+    if status is not None:
+        worker.status = status
+        update.append("status")
+    worker.save(update_fields=update)
+    if not was_ready:
+        _after_commit_schedule_pending()
+    return worker
+
+
+@transaction.atomic
+def do_update_worker(worker: Worker, fields: dict) -> Worker:
+    for name, value in fields.items():
+        setattr(worker, name, value)
+    worker.save()
+    _after_commit_schedule_pending()  # new labels or a smaller reservation may let pending instances fit
+    return worker
+
+
+@transaction.atomic
+def do_delete_worker(worker: Worker) -> None:
+    """Its instances go back to pending, to be placed elsewhere."""
+    ModelInstance.objects.filter(worker=worker).update(
+        worker=None, state=InstanceState.PENDING, pid=None, port=None, gpu_indexes=[], computed_resource_claim={},
+        state_message=f"worker {worker.name} was removed",
+    )
+    worker.delete()
+    _after_commit_schedule_pending()

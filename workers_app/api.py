@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, permissions, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from gateway_app.authentication import bearer_token
+from workers_app import actions
+from workers_app.cluster import is_cluster_token
+from workers_app.models import Worker
+from workers_app.serializers import HeartbeatSerializer, WorkerLabelsSerializer, WorkerSerializer
+
+
+class HasClusterToken(permissions.BasePermission):
+    message = "A worker must present the cluster token (Authorization: Bearer <AIMIND_TOKEN>)."
+
+    def has_permission(self, request, view) -> bool:
+        return is_cluster_token(bearer_token(request.headers.get("Authorization")))
+
+
+class WorkerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.UpdateModelMixin,
+                    mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    queryset = Worker.objects.order_by("id")
+    serializer_class = WorkerSerializer
+
+    def get_authenticators(self):
+        if self.request is not None and self._is_worker_call():
+            return []  # workers authenticate with the cluster token, checked by HasClusterToken
+        return super().get_authenticators()
+
+    def _is_worker_call(self) -> bool:
+        return self.request.method == "POST" and (
+            self.request.path.rstrip("/").endswith("/workers") or self.request.path.rstrip("/").endswith("/heartbeat"))
+
+    def get_permissions(self):
+        if self.action in ("create", "heartbeat"):
+            return [HasClusterToken()]
+        return super().get_permissions()
+
+    def get_serializer_class(self):
+        if self.action in ("update", "partial_update"):
+            return WorkerLabelsSerializer
+        return super().get_serializer_class()
+
+    @extend_schema(request=WorkerSerializer, responses=WorkerSerializer)
+    def create(self, request, *args, **kwargs):
+        """Register or re-register a worker (authenticated by the cluster token)."""
+        serializer = WorkerSerializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        worker = actions.do_register_worker(serializer.validated_data)
+        return Response(WorkerSerializer(worker).data, status=status.HTTP_201_CREATED)
+
+    def perform_update(self, serializer):
+        actions.do_update_worker(serializer.instance, serializer.validated_data)
+
+    def update(self, request, *args, **kwargs):
+        super().update(request, *args, **kwargs)
+        return Response(WorkerSerializer(self.get_object()).data)
+
+    def perform_destroy(self, instance):
+        actions.do_delete_worker(instance)
+
+    @extend_schema(request=HeartbeatSerializer, responses=WorkerSerializer)
+    @action(detail=True, methods=["post"])
+    def heartbeat(self, request, pk=None):
+        worker = self.get_object()
+        body = HeartbeatSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        worker = actions.do_heartbeat(worker, body.validated_data.get("status"))
+        return Response(WorkerSerializer(worker).data)
+
+
+class GpuListView(APIView):
+    """Every GPU in the cluster, with id `<worker name>:<index>`."""
+
+    @extend_schema(responses={200: dict})
+    def get(self, request):
+        gpus = []
+        for worker in Worker.objects.order_by("name"):
+            for gpu in worker.gpus:
+                gpus.append({"id": f"{worker.name}:{gpu.get('index')}", "worker_name": worker.name,
+                             "worker_id": worker.id, **gpu})
+        return Response(gpus)

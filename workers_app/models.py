@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from workers_app.choices import WorkerState
+
+
+class Worker(models.Model):
+    """A node that runs backend processes; its inventory is what it last reported."""
+
+    name = models.CharField(max_length=255, unique=True)
+    hostname = models.CharField(max_length=255, blank=True, default="")
+    ip = models.CharField(max_length=64, blank=True, default="")
+    labels = models.JSONField(default=dict, blank=True)
+    system_reserved = models.JSONField(default=dict, blank=True)
+    status = models.JSONField(default=dict, blank=True)
+    state = models.CharField(max_length=16, choices=WorkerState.choices, default=WorkerState.READY)
+    state_message = models.TextField(blank=True, default="")
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def queue(self) -> str:
+        return f"worker.{self.name}"
+
+    @property
+    def gpus(self) -> list[dict]:
+        return list(self.status.get("gpus") or [])
+
+    @property
+    def ram_total(self) -> int:
+        return int((self.status.get("memory") or {}).get("total") or 0)
+
+    @property
+    def cpu_cores(self) -> int:
+        return int((self.status.get("cpu") or {}).get("total") or 0)
+
+    @property
+    def heartbeat_is_fresh(self) -> bool:
+        if self.last_heartbeat_at is None:
+            return False
+        return timezone.now() - self.last_heartbeat_at < timedelta(seconds=settings.WORKER_STALE_AFTER)
+
+    @property
+    def state_colour(self) -> str:
+        return WorkerState.colour(self.state)
