@@ -101,6 +101,8 @@ DATABASES = {"default": database_from_url(env_str("DATABASE_URL", ""), sqlite_pa
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # Writers take the lock when a transaction begins, so concurrent placements serialise instead of racing.
     DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
+    # WAL: the web, scheduler and worker processes read while one writes; NORMAL sync is safe under WAL.
+    DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = []
@@ -124,7 +126,8 @@ REST_FRAMEWORK = {
 SPECTACULAR_SETTINGS = {"TITLE": "aiMindServe API", "VERSION": "1", "SERVE_INCLUDE_SCHEMA": False}
 
 # Celery: the scheduler consumes "scheduler"; each worker consumes its own "worker.<name>".
-CELERY_BROKER_URL = REDIS_URL or "redis://127.0.0.1:6379/0"
+# Without REDIS_URL (management commands, tests) nothing may reach a Redis we did not start: in-memory broker.
+CELERY_BROKER_URL = REDIS_URL or "memory://"
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_DEFAULT_QUEUE = "scheduler"

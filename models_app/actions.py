@@ -46,10 +46,12 @@ def _after_commit_stop(instances: Iterable[ModelInstance]) -> None:
         return
 
     def send() -> None:
+        from scheduler_app.tasks import schedule_pending_instances
         from workers_app.tasks import stop_instance
 
         for instance_id, queue in targets:
             stop_instance.apply_async(args=[instance_id], queue=queue)
+        schedule_pending_instances.delay()  # the freed resources may let a pending instance fit
 
     transaction.on_commit(send)
 

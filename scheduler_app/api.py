@@ -26,6 +26,7 @@ class EvaluationRequestSerializer(serializers.Serializer):
 
 
 def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
+    """The placement a deployment of `spec` would get now, or why it would get none."""
     serializer = EvaluationSpecSerializer(data=spec)
     if not serializer.is_valid():
         return {"compatible": False, "message": f"invalid model spec: {serializer.errors}", "placement": None}

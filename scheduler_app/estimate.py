@@ -1,57 +1,74 @@
-"""What a model needs, from its metadata, before anything is placed or downloaded."""
+"""What a model needs, from its metadata, before anything is placed or downloaded.
+
+Also where the backend is chosen when the user left it empty: GGUF → llama-box, speech → vox-box,
+other Hugging Face-format models → vLLM.
+"""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from models_app.choices import BackendChoices, CategoryChoices, SourceChoices
 from models_app.models import Model
+from scheduler_app.estimators import hf
 from scheduler_app.estimators.gguf import GGUFModelInfo, LlamaBoxClaim, estimate, model_info, parse_backend_parameters
 from scheduler_app.estimators.gguf_reader import GGUFFormatError, read_gguf_header, split_gguf_parts
+from scheduler_app.estimators.vox_box import VoxBoxClaim, vox_box_claim
 
 DEFAULT_CTX_SIZE = 8192
+SPEECH = {CategoryChoices.SPEECH_TO_TEXT, CategoryChoices.TEXT_TO_SPEECH}
 
 
 @dataclass
 class ModelEstimate:
     backend: str
     categories: list[str]
-    info: GGUFModelInfo | None = None
+    gguf: GGUFModelInfo | None = None
+    hf: hf.HFModelInfo | None = None
     params: dict = field(default_factory=dict)
     note: str = ""  # why the claim is unknown, when it is
+    _claims: dict = field(default_factory=dict, repr=False)
 
     @property
     def known(self) -> bool:
-        return self.info is not None
+        return self.gguf is not None or self.hf is not None
 
     @property
     def total_layers(self) -> int:
-        return self.info.n_layer + 1 if self.info else 0
+        return self.gguf.n_layer + 1 if self.gguf else 1
 
     @property
     def ctx_size(self) -> int:
         if self.params.get("ctx_size"):
             return int(self.params["ctx_size"])
-        if self.info and self.info.context_length:
-            return min(DEFAULT_CTX_SIZE, self.info.context_length)
+        if self.gguf and self.gguf.context_length:
+            return min(DEFAULT_CTX_SIZE, self.gguf.context_length)
         return DEFAULT_CTX_SIZE
 
     def claim(self, *, offload_layers: int, gpu_count: int, tensor_split: list[float] | None = None) -> LlamaBoxClaim:
-        if self.info is None:
+        """llama-box claim, cached: the scheduler asks for the same shapes for every worker."""
+        split = tensor_split or self.params.get("tensor_split")
+        key = (offload_layers, gpu_count, tuple(split) if split else None)
+        if key not in self._claims:
+            self._claims[key] = self._compute_claim(offload_layers, gpu_count, split)
+        return self._claims[key]
+
+    def _compute_claim(self, offload_layers: int, gpu_count: int, split: list[float] | None) -> LlamaBoxClaim:
+        if self.gguf is None:
             return LlamaBoxClaim(ram=0, vram={i: 0 for i in range(gpu_count)}, offload_layers=offload_layers,
-                                 total_layers=0, tensor_split=tensor_split)
-        return estimate(
-            self.info,
-            ctx_size=self.ctx_size,
-            offload_layers=offload_layers,
-            gpu_count=gpu_count,
-            tensor_split=tensor_split or self.params.get("tensor_split"),
-            cache_type_k=self.params.get("cache_type_k", "f16"),
-            cache_type_v=self.params.get("cache_type_v", "f16"),
-            parallel=int(self.params.get("parallel") or 4),
-        )
+                                 total_layers=0, tensor_split=split)
+        return estimate(self.gguf, ctx_size=self.ctx_size, offload_layers=offload_layers, gpu_count=gpu_count,
+                        tensor_split=split, cache_type_k=self.params.get("cache_type_k", "f16"),
+                        cache_type_v=self.params.get("cache_type_v", "f16"),
+                        parallel=int(self.params.get("parallel") or 4))
+
+    def vox_box(self) -> VoxBoxClaim:
+        if self.hf is None:
+            return VoxBoxClaim(0, "unknown")
+        return vox_box_claim(self.hf.weight_bytes, self.hf.architectures)
 
 
 class EstimateError(Exception):
@@ -68,23 +85,74 @@ def gguf_files_under(path: Path) -> list[Path]:
     return split_gguf_parts(candidates[0])
 
 
+def choose_backend(model: Model, categories: list[str], is_gguf: bool) -> str:
+    if model.backend:
+        return model.backend
+    if is_gguf:
+        return BackendChoices.LLAMA_BOX
+    if SPEECH & set(categories):
+        return BackendChoices.VOX_BOX
+    return BackendChoices.VLLM
+
+
+def _params_for(model: Model, backend: str) -> dict:
+    params = list(model.backend_parameters or [])
+    if backend == BackendChoices.VLLM:
+        try:
+            return hf.parse_vllm_parameters(params)
+        except ValueError as exc:
+            raise EstimateError(str(exc)) from exc
+    return parse_backend_parameters(params)
+
+
+def _unknown(model: Model, note: str) -> ModelEstimate:
+    looks_gguf = model.source == SourceChoices.LOCAL_PATH and model.local_path.endswith(".gguf") or \
+        model.huggingface_filename.endswith(".gguf") or model.model_scope_file_path.endswith(".gguf")
+    categories = list(model.categories or [CategoryChoices.LLM])
+    backend = choose_backend(model, categories, looks_gguf)
+    return ModelEstimate(backend, categories, params=_params_for(model, backend), note=note)
+
+
+@lru_cache(maxsize=128)
+def _read_header_cached(path: str, size: int, mtime_ns: int):
+    return read_gguf_header(path)
+
+
+def read_header(path: Path):
+    """Headers are re-read only when the file changes: every placement and evaluation asks again."""
+    stat = path.stat()
+    return _read_header_cached(str(path), stat.st_size, stat.st_mtime_ns)
+
+
 def estimate_model(model: Model) -> ModelEstimate:
-    params = parse_backend_parameters(list(model.backend_parameters or []))
-    categories = list(model.categories or [])
-    backend = model.backend or BackendChoices.LLAMA_BOX
     if model.source != SourceChoices.LOCAL_PATH:
-        return ModelEstimate(backend, categories or [CategoryChoices.LLM], params=params,
-                             note=f"estimates for {model.get_source_display()} sources are not available yet")
+        return _unknown(model, f"estimates for {model.get_source_display()} sources are not available yet; "
+                               "resource claim unknown (0), placed by strategy")
     path = Path(model.local_path)
     if not path.exists() or not os.access(path, os.R_OK):
-        return ModelEstimate(backend, categories or [CategoryChoices.LLM], params=params,
-                             note=f"the server cannot read {path}; resource claim unknown (0), placed by strategy")
+        return _unknown(model, f"the server cannot read {path}; resource claim unknown (0), placed by strategy")
+    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.gguf")):
+        return _estimate_hf_dir(model, path)
     files = gguf_files_under(path)
     if not files:
-        raise EstimateError(f"no .gguf file found at {path}")
+        raise EstimateError(f"no .gguf file or config.json found at {path}")
     try:
-        headers = [read_gguf_header(f) for f in files]
+        headers = [read_header(f) for f in files]
     except (GGUFFormatError, OSError) as exc:
         raise EstimateError(f"cannot read GGUF metadata of {files[0]}: {exc}") from exc
     info = model_info(headers)
-    return ModelEstimate(backend, categories or list(info.categories), info=info, params=params)
+    categories = list(model.categories or info.categories)
+    backend = choose_backend(model, categories, is_gguf=True)
+    return ModelEstimate(backend, categories, gguf=info, params=_params_for(model, backend))
+
+
+def _estimate_hf_dir(model: Model, path: Path) -> ModelEstimate:
+    try:
+        info = hf.info_from_dir(path)
+    except (OSError, ValueError) as exc:
+        raise EstimateError(f"cannot read {path / 'config.json'}: {exc}") from exc
+    categories = list(model.categories or info.categories)
+    backend = choose_backend(model, categories, is_gguf=False)
+    return ModelEstimate(backend, categories, hf=info, params=_params_for(model, backend))
+
+

@@ -1,10 +1,15 @@
-"""Worker filters: each keeps the workers that pass and says why the others did not."""
+"""Worker filters: keep the workers that may take the model, and say why the others may not."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from models_app.models import Model
 from workers_app.choices import WorkerState
 from workers_app.models import Worker
+
+if TYPE_CHECKING:
+    from scheduler_app.selectors.common import Reasons
 
 
 def parse_gpu_ids(model: Model) -> dict[str, list[int]]:
@@ -16,23 +21,29 @@ def parse_gpu_ids(model: Model) -> dict[str, list[int]]:
     return wanted
 
 
-def filter_workers(model: Model, workers: list[Worker]) -> tuple[list[Worker], list[str]]:
-    kept, reasons = [], []
+def filter_workers(model: Model, workers: list[Worker], reasons: Reasons) -> list[Worker]:
+    kept = []
     manual = parse_gpu_ids(model)
+    selector = {k: str(v) for k, v in (model.worker_selector or {}).items()}
     for worker in workers:
-        if worker.state != WorkerState.READY or not worker.heartbeat_is_fresh:
-            reasons.append(f"{worker.name}: not ready ({worker.state})")
+        if worker.state != WorkerState.READY:
+            reasons.add(worker.name, f"is {worker.get_state_display().lower()}")
             continue
-        mismatched = [k for k, v in (model.worker_selector or {}).items() if str(worker.labels.get(k)) != str(v)]
+        if not worker.heartbeat_is_fresh:
+            reasons.add(worker.name, "has not sent a heartbeat recently")
+            continue
+        mismatched = [f"{k}={v}" for k, v in selector.items() if str(worker.labels.get(k)) != v]
         if mismatched:
-            wanted = ", ".join(f"{k}={model.worker_selector[k]}" for k in mismatched)
-            reasons.append(f"{worker.name}: labels do not match {wanted}")
+            reasons.add(worker.name, f"labels do not match {', '.join(mismatched)}")
             continue
-        if manual and worker.name not in manual:
-            reasons.append(f"{worker.name}: not in gpu_selector")
-            continue
+        if manual:
+            if worker.name not in manual:
+                continue  # not named by gpu_selector: not worth a reason per worker
+            missing = [i for i in manual[worker.name] if i not in {int(g.get("index", -1)) for g in worker.gpus}]
+            if missing:
+                reasons.add(worker.name, f"has no GPU {', '.join(map(str, missing))} (gpu_selector)")
+                continue
         kept.append(worker)
-    if manual:
-        unknown = sorted(set(manual) - {w.name for w in workers})
-        reasons.extend(f"{name}: no such worker (gpu_selector)" for name in unknown)
-    return kept, reasons
+    for name in sorted(set(manual) - {w.name for w in workers}):
+        reasons.add(name, "no such worker (gpu_selector)")
+    return kept

@@ -24,23 +24,37 @@ class WorkerResources:
     gpu_free: dict[int, int] = field(default_factory=dict)
     instance_count: int = 0
     gpu_instance_count: dict[int, int] = field(default_factory=dict)
+    booked: int = 0  # bytes of RAM and VRAM claimed so far
 
     @property
     def has_gpus(self) -> bool:
         return bool(self.gpu_total)
 
+    def book(self, claim: dict) -> None:
+        """Take a placed claim off what is free, so the next placement in the same pass sees it."""
+        self.instance_count += 1
+        ram = int(claim.get("ram") or 0)
+        self.ram_free -= ram
+        self.booked += ram
+        for index, vram in (claim.get("vram") or {}).items():
+            index = int(index)
+            if index in self.gpu_free:
+                self.gpu_free[index] -= int(vram or 0)
+                self.gpu_instance_count[index] += 1
+                self.booked += int(vram or 0)
+
     def used_fraction(self) -> float:
-        total = self.ram_total + sum(self.gpu_total.values())
-        free = self.ram_free + sum(self.gpu_free.values())
-        return 1 - free / total if total else 1.0
+        capacity = self.ram_total + sum(self.gpu_total.values())
+        return self.booked / capacity if capacity else 1.0
 
 
-def claims_by_worker(worker_ids: list[int], exclude_instance_id: int | None = None) -> dict[int, list[dict]]:
-    placed = (ModelInstance.objects.filter(worker_id__in=worker_ids)
-              .exclude(pk=exclude_instance_id).values_list("worker_id", "computed_resource_claim", "gpu_indexes"))
+def claims_by_worker(exclude_instance_ids: list[int] = ()) -> dict[int, list[dict]]:
+    """The claims of every placed instance, per worker (one query for the whole cluster)."""
+    placed = (ModelInstance.objects.filter(worker__isnull=False).exclude(pk__in=list(exclude_instance_ids))
+              .values_list("worker_id", "computed_resource_claim"))
     grouped: dict[int, list[dict]] = defaultdict(list)
-    for worker_id, claim, gpu_indexes in placed:
-        grouped[worker_id].append({"claim": claim or {}, "gpu_indexes": gpu_indexes or []})
+    for worker_id, claim in placed:
+        grouped[worker_id].append(claim or {})
     return grouped
 
 
@@ -52,13 +66,6 @@ def worker_resources(worker: Worker, placed: list[dict]) -> WorkerResources:
     ram_total = max(0, worker.ram_total - int(reserved.get("ram") or 0))
     res = WorkerResources(worker, ram_total=ram_total, ram_free=ram_total, gpu_total=gpu_total,
                           gpu_free=dict(gpu_total), gpu_instance_count={i: 0 for i in gpu_total})
-    for item in placed:
-        claim = item["claim"]
-        res.instance_count += 1
-        res.ram_free -= int(claim.get("ram") or 0)
-        for index, vram in (claim.get("vram") or {}).items():
-            index = int(index)
-            if index in res.gpu_free:
-                res.gpu_free[index] -= int(vram or 0)
-                res.gpu_instance_count[index] += 1
+    for claim in placed:
+        res.book(claim)
     return res

@@ -1,95 +1,117 @@
-"""Place an instance: estimate → filter workers → select candidates → score → book the claim."""
+"""Place instances: estimate → filter workers → select candidates → score → book the claim.
+
+A pass places a batch of pending instances against one locked snapshot of the cluster, booking each
+placement in memory before the next, so a burst never double-books a GPU and costs one read of the
+cluster, not one per instance.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from django.db import transaction
+from django.utils import timezone
 
 from models_app.actions import do_set_instance_state
 from models_app.choices import InstanceState
 from models_app.models import Model, ModelInstance
 from scheduler_app.estimate import EstimateError, ModelEstimate, estimate_model
-from scheduler_app.filters import filter_workers
-from scheduler_app.resources import claims_by_worker, worker_resources
-from scheduler_app.scorers import best_candidate
-from scheduler_app.selectors import Candidate, select_candidates
+from scheduler_app.resources import WorkerResources, claims_by_worker, worker_resources
+from scheduler_app.session import PlacementResult, PlacementSession
 from workers_app.models import Worker
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class PlacementResult:
-    candidate: Candidate | None
-    reasons: list[str] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def message(self) -> str:
-        if self.candidate is not None:
-            return self.note
-        if not self.reasons:
-            return "no workers have registered yet"
-        return "no worker fits: " + "; ".join(self.reasons)
+def build_pool(workers: list[Worker], exclude_instance_ids: list[int] = ()) -> dict[int, WorkerResources]:
+    placed = claims_by_worker(exclude_instance_ids)
+    return {w.id: worker_resources(w, placed.get(w.id, [])) for w in workers}
 
 
-def find_placement(model: Model, est: ModelEstimate, workers: list[Worker],
-                   exclude_instance_id: int | None = None) -> PlacementResult:
-    kept, reasons = filter_workers(model, workers)
-    if not kept:
-        return PlacementResult(None, reasons, est.note)
-    placed = claims_by_worker([w.id for w in kept], exclude_instance_id)
-    pool = [worker_resources(w, placed.get(w.id, [])) for w in kept]
-    candidates, fit_reasons = select_candidates(model, est, pool)
-    if not candidates:
-        return PlacementResult(None, reasons + fit_reasons, est.note)
-    return PlacementResult(best_candidate(candidates, model.placement_strategy), note=est.note)
+def find_placement(model: Model, est: ModelEstimate, workers: list[Worker]) -> PlacementResult:
+    """A dry run against the cluster as it is now (evaluations)."""
+    return PlacementSession(workers, build_pool(workers)).place(model, est)
 
 
-def schedule_instance(instance_id: int) -> str:
-    """Try to place one pending instance. Returns its state afterwards (for logs and tests)."""
-    instance = ModelInstance.objects.select_related("model").filter(pk=instance_id).first()
-    if instance is None:
-        return "gone"
-    if not do_set_instance_state(instance, InstanceState.ANALYZING, from_states=[InstanceState.PENDING],
-                                 message="reading model metadata"):
-        return instance.state  # someone else is placing it, or it is already placed
-    model = instance.model
-    try:
-        est = estimate_model(model)
-    except EstimateError as exc:
-        do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.ANALYZING], message=str(exc))
-        return InstanceState.ERROR
-    if not model.categories and est.categories:
-        Model.objects.filter(pk=model.pk, categories=[]).update(categories=est.categories)
+def _claim_for_analysis(instance_ids: list[int]) -> list[ModelInstance]:
+    """Take the still-pending ones in one transaction; rows another scheduler holds are skipped, not awaited."""
+    with transaction.atomic():
+        ids = list(ModelInstance.objects.select_for_update(skip_locked=True)
+                   .filter(pk__in=instance_ids, state=InstanceState.PENDING).values_list("pk", flat=True))
+        ModelInstance.objects.filter(pk__in=ids, state=InstanceState.PENDING).update(
+            state=InstanceState.ANALYZING, state_message="reading model metadata", updated_at=timezone.now())
+    return list(ModelInstance.objects.select_related("model").filter(pk__in=ids).order_by("id"))
+
+
+def _estimates(instances: list[ModelInstance]) -> dict[int, ModelEstimate | EstimateError]:
+    found: dict[int, ModelEstimate | EstimateError] = {}
+    for instance in instances:
+        model = instance.model
+        if model.pk in found:
+            continue
+        try:
+            found[model.pk] = est = estimate_model(model)
+        except EstimateError as exc:
+            found[model.pk] = exc
+            continue
+        changed = {}
+        if not model.categories and est.categories:
+            changed["categories"] = est.categories
+        if not model.backend:
+            changed["backend"] = est.backend
+        if changed:  # remember what was detected, as the user would have written it
+            Model.objects.filter(pk=model.pk).update(**changed)
+    return found
+
+
+def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
+    """Place these instances if they are pending. Returns each one's state afterwards."""
+    instances = _claim_for_analysis(instance_ids)
+    estimates = _estimates(instances)
+    outcome: dict[int, str] = {}
+    launches: list[tuple[int, str]] = []
     with transaction.atomic():
         # Lock the workers (in id order) so concurrent schedulers never book the same free memory twice.
         workers = list(Worker.objects.select_for_update().order_by("id"))
-        result = find_placement(model, est, workers, exclude_instance_id=instance.pk)
-        if result.candidate is None:
-            do_set_instance_state(instance, InstanceState.PENDING, from_states=[InstanceState.ANALYZING],
-                                  message=result.message)
-            return InstanceState.PENDING
-        chosen = result.candidate
-        applied = do_set_instance_state(
-            instance, InstanceState.SCHEDULED, from_states=[InstanceState.ANALYZING], message=result.message,
-            worker=chosen.resources.worker, gpu_indexes=chosen.gpu_indexes,
-            computed_resource_claim=chosen.claim, distributed_servers=[],
-        )
-        if not applied:
-            return "gone"
-        queue = chosen.resources.worker.queue
+        session = PlacementSession(workers, build_pool(workers, [i.pk for i in instances]))
+        for instance in instances:
+            est = estimates[instance.model_id]
+            if isinstance(est, EstimateError):
+                do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.ANALYZING],
+                                      message=str(est))
+                outcome[instance.pk] = InstanceState.ERROR
+                continue
+            result = session.place(instance.model, est)
+            chosen = result.candidate
+            if chosen is None:
+                do_set_instance_state(instance, InstanceState.PENDING, from_states=[InstanceState.ANALYZING],
+                                      message=result.message)
+                outcome[instance.pk] = InstanceState.PENDING
+                continue
+            if do_set_instance_state(instance, InstanceState.SCHEDULED, from_states=[InstanceState.ANALYZING],
+                                     message=result.message, worker=chosen.resources.worker,
+                                     gpu_indexes=chosen.gpu_indexes, computed_resource_claim=chosen.claim,
+                                     distributed_servers=[]):
+                session.book(chosen)
+                launches.append((instance.pk, chosen.resources.worker.queue))
+                outcome[instance.pk] = InstanceState.SCHEDULED
+            else:
+                outcome[instance.pk] = "gone"
 
         def launch() -> None:
             from workers_app.tasks import launch_instance
 
-            launch_instance.apply_async(args=[instance.pk], queue=queue)
+            for instance_id, queue in launches:
+                launch_instance.apply_async(args=[instance_id], queue=queue)
 
         transaction.on_commit(launch)
-    return InstanceState.SCHEDULED
+    return outcome
+
+
+def schedule_instance(instance_id: int) -> str:
+    return schedule_instances([instance_id]).get(instance_id) or ModelInstance.objects.filter(
+        pk=instance_id).values_list("state", flat=True).first() or "gone"
 
 
 def pending_instance_ids() -> list[int]:
-    return list(ModelInstance.objects.filter(state=InstanceState.PENDING).values_list("pk", flat=True))
+    return list(ModelInstance.objects.filter(state=InstanceState.PENDING).order_by("id").values_list("pk", flat=True))

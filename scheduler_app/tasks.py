@@ -1,18 +1,17 @@
 from celery import shared_task
 
-from scheduler_app.scheduler import pending_instance_ids
-from scheduler_app.scheduler import schedule_instance as place
+from scheduler_app.scheduler import pending_instance_ids, schedule_instances
 
 
 @shared_task(name="scheduler_app.tasks.schedule_instance", ignore_result=True)
-def schedule_instance(instance_id: int) -> str:
-    return place(instance_id)
+def schedule_instance(instance_id: int) -> None:
+    schedule_instances([instance_id])
 
 
 @shared_task(name="scheduler_app.tasks.schedule_pending_instances", ignore_result=True)
 def schedule_pending_instances() -> int:
-    """Beat and worker (re-)registration call this: resources may have appeared."""
+    """Beat, worker joins and freed resources call this: everything pending gets one more try, in one pass."""
     ids = pending_instance_ids()
-    for instance_id in ids:
-        place(instance_id)
+    if ids:
+        schedule_instances(ids)
     return len(ids)

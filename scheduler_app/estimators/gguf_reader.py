@@ -98,6 +98,28 @@ class _Stream:
             chunk = self.read(min(n, 1 << 20))
             n -= len(chunk)
 
+    def skip_strings(self, count: int) -> None:
+        """Walk `count` length-prefixed strings in big chunks (a vocabulary has ~150k of them)."""
+        if not self.seekable:
+            for _ in range(count):
+                self.skip(self.unpack("<Q"))
+            return
+        buf, pos, unpack_from = b"", 0, struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > len(buf):
+                buf, pos = buf[pos:] + self.raw.read(1 << 20), 0
+                if len(buf) < 8:
+                    raise GGUFFormatError(f"truncated GGUF string array near byte {self.position}")
+            end = pos + 8 + unpack_from(buf, pos)[0]
+            while end > len(buf):
+                more = self.raw.read(max(1 << 20, end - len(buf)))
+                if not more:
+                    raise GGUFFormatError(f"truncated GGUF string array near byte {self.position}")
+                buf += more
+            self.position += end - pos
+            pos = end
+        self.raw.seek(pos - len(buf), io.SEEK_CUR)  # give back what was read past the array
+
     def string(self) -> str:
         return self.read(self.unpack("<Q")).decode("utf-8", "replace")
 
@@ -124,8 +146,7 @@ def _array(stream: _Stream, element_type: int, length: int) -> Any:
     if element_type == _STRING:
         if length <= SMALL_ARRAY:
             return [stream.string() for _ in range(length)]
-        for _ in range(length):
-            stream.skip(stream.unpack("<Q"))
+        stream.skip_strings(length)
         return ArrayInfo(element_type, length)
     if element_type == _ARRAY:  # rare (nested arrays): read through, keep only small ones
         items = [_value(stream, _ARRAY) for _ in range(length)]

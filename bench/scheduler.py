@@ -1,0 +1,110 @@
+"""Scheduler throughput: placements per second and one evaluation's latency, at 10, 100 and 1,000 workers × 8 GPUs.
+
+    .venv/bin/python bench/scheduler.py [--placements 1000] [--sizes 10,100,1000]
+
+Uses a throw-away SQLite database (or DATABASE_URL) and an 8B-shaped sparse GGUF (Q4_K_M, ctx 8192).
+Goal: ≥ 500 placements/s at 1,000 workers, cost growing no faster than linearly with the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("AIMIND_DATA_DIR", tempfile.mkdtemp(prefix="aimind-bench-sched-"))
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aimind.settings")
+os.environ.setdefault("AIMIND_WORKER_STALE_AFTER", "3600")  # a long run must not see its workers go stale
+
+import django  # noqa: E402
+
+django.setup()
+
+from django.core.management import call_command  # noqa: E402
+from django.utils import timezone  # noqa: E402
+
+from models_app import actions  # noqa: E402
+from models_app.models import Model, ModelInstance  # noqa: E402
+from scheduler_app.api import evaluate_spec  # noqa: E402
+from scheduler_app.scheduler import schedule_instance, schedule_instances  # noqa: E402
+from tests.fixtures.sparse_gguf import LLAMA3_8B, write_sparse_llama  # noqa: E402
+from workers_app.models import Worker  # noqa: E402
+
+GIB = 1024**3
+
+
+def cluster(n_workers: int) -> None:
+    Worker.objects.all().delete()
+    now = timezone.now()
+    Worker.objects.bulk_create([
+        Worker(name=f"w{i:04d}", ip="10.0.0.1", last_heartbeat_at=now, labels={"rack": str(i % 10)}, status={
+            "cpu": {"total": 64}, "memory": {"total": 512 * GIB, "used": 0},
+            "gpus": [{"index": g, "name": "H100", "vendor": "nvidia", "memory": {"total": 80 * GIB, "used": 0}}
+                     for g in range(8)]})
+        for i in range(n_workers)
+    ])
+
+
+def deploy(path: Path, replicas: int, strategy: str) -> list[int]:
+    Model.objects.all().delete()
+    model = actions.do_create_model(name="bench", source="local_path", local_path=str(path), replicas=replicas,
+                                    placement_strategy=strategy)
+    return list(ModelInstance.objects.filter(model=model).order_by("id").values_list("pk", flat=True))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--placements", type=int, default=1000)
+    parser.add_argument("--sizes", default="10,100,1000")
+    args = parser.parse_args()
+    call_command("migrate", verbosity=0)
+    model_path = write_sparse_llama(Path(os.environ["AIMIND_DATA_DIR"]) / "llama3-8b-q4_k_m.gguf", **LLAMA3_8B)
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        cluster(n)
+        row = {"workers": n, "gpus": n * 8}
+        for strategy in ("spread", "binpack"):
+            ids = deploy(model_path, args.placements, strategy)
+            began = time.perf_counter()
+            outcome = schedule_instances(ids)
+            elapsed = time.perf_counter() - began
+            placed = sum(1 for state in outcome.values() if state == "scheduled")
+            row[f"{strategy}_per_s"] = placed / elapsed
+        ids = deploy(model_path, 20, "spread")
+        one_by_one = []
+        for instance_id in ids:
+            began = time.perf_counter()
+            schedule_instance(instance_id)
+            one_by_one.append(time.perf_counter() - began)
+        row["single_ms"] = statistics.median(one_by_one) * 1000
+        spec = {"name": "eval", "source": "local_path", "local_path": str(model_path)}
+        timings = []
+        for _ in range(5):
+            began = time.perf_counter()
+            result = evaluate_spec(spec, list(Worker.objects.all()))
+            timings.append(time.perf_counter() - began)
+        assert result["compatible"], result["message"][:500]
+        row["evaluation_ms"] = statistics.median(timings) * 1000
+        rows.append(row)
+    print(f"\n{args.placements} pending instances of an 8B Q4_K_M (ctx 8192) placed in one scheduler pass; "
+          "80 GiB GPUs, 8 per worker\n")
+    header = f"{'workers':>8} {'GPUs':>6} {'spread/s':>10} {'binpack/s':>10} {'one task ms':>12} {'evaluation ms':>14}"
+    print(header)
+    for r in rows:
+        print(f"{r['workers']:>8} {r['gpus']:>6} {r['spread_per_s']:>10.0f} {r['binpack_per_s']:>10.0f} "
+              f"{r['single_ms']:>12.1f} {r['evaluation_ms']:>14.1f}")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        growth = (last["single_ms"] / first["single_ms"]) / (last["workers"] / first["workers"])
+        print(f"\ncost per placement grew {last['single_ms'] / first['single_ms']:.1f}x for "
+              f"{last['workers'] // first['workers']}x the workers (≤ 1.0 of linear: {growth:.2f})")
+
+
+if __name__ == "__main__":
+    main()

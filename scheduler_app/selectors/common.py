@@ -1,0 +1,111 @@
+"""What every selector shares: candidates, the reasons they give, and the claim format stored on instances."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property, partial
+
+from models_app.models import Model
+from scheduler_app.estimate import ModelEstimate
+from scheduler_app.filters import parse_gpu_ids
+from scheduler_app.resources import WorkerResources
+
+
+@dataclass
+class Candidate:
+    """A possible placement. The stored claim is built only for the one chosen (thousands are compared)."""
+
+    resources: WorkerResources
+    gpu_indexes: list[int]
+    build_claim: Callable[[], dict]
+    offload_layers: int = 0
+
+    @property
+    def worker_name(self) -> str:
+        return self.resources.worker.name
+
+    @cached_property
+    def claim(self) -> dict:
+        return self.build_claim()
+
+
+class Reasons:
+    """Why workers were passed over, grouped per worker, in the order they were found."""
+
+    def __init__(self) -> None:
+        self.by_worker: dict[str, list[str]] = defaultdict(list)
+
+    def add(self, worker_name: str, reason: str) -> None:
+        if reason not in self.by_worker[worker_name]:
+            self.by_worker[worker_name].append(reason)
+
+    def copy(self) -> Reasons:
+        other = Reasons()
+        for name, reasons in self.by_worker.items():
+            other.by_worker[name] = list(reasons)
+        return other
+
+    def __bool__(self) -> bool:
+        return bool(self.by_worker)
+
+    def render(self, names_per_reason: int = 3) -> str:
+        """Workers with the same story share one line, so a 1,000-worker cluster still gives a short message."""
+        grouped: dict[str, list[str]] = defaultdict(list)
+        for name, reasons in self.by_worker.items():
+            grouped["; ".join(reasons)].append(name)
+        parts = []
+        for text, names in grouped.items():
+            shown = ", ".join(names[:names_per_reason])
+            if len(names) > names_per_reason:
+                shown += f" and {len(names) - names_per_reason} more"
+            parts.append(f"{shown}: {text}")
+        return ". ".join(parts)
+
+
+Selector = Callable[[Model, ModelEstimate, list[WorkerResources], Reasons], list[Candidate]]
+
+
+def per_worker(selector: Selector) -> Selector:
+    """Mark a selector whose candidates for one worker are independent of the rest of the pool."""
+    selector.per_worker = True
+    return selector
+
+
+def make_claim(*, ram: int, vram: dict[int, int], offload_layers: int = 0, total_layers: int = 0,
+               tensor_split: list[float] | None = None, **extra) -> dict:
+    """The claim as stored and shown (SPEC §3): integer bytes, `vram` keyed by the GPU index as a string."""
+    return {"ram": int(ram), "vram": {str(i): int(v) for i, v in sorted(vram.items())},
+            "offload_layers": offload_layers, "total_layers": total_layers, "tensor_split": tensor_split, **extra}
+
+
+def llama_box_candidate(res: WorkerResources, gpu_indexes: list[int], claim, est: ModelEstimate) -> Candidate:
+    return Candidate(res, gpu_indexes, partial(llama_box_claim, claim, gpu_indexes, est), claim.offload_layers)
+
+
+def llama_box_claim(claim, gpu_indexes: list[int], est: ModelEstimate) -> dict:
+    """A llama-box claim, mapped from GPU positions to real indexes, with the context size the worker must use."""
+    return make_claim(ram=claim.ram, vram={gpu_indexes[pos]: v for pos, v in claim.vram.items()},
+                      offload_layers=claim.offload_layers, total_layers=claim.total_layers,
+                      tensor_split=claim.tensor_split, ctx_size=est.ctx_size if est.known else None)
+
+
+def manual_gpus(model: Model, res: WorkerResources) -> list[int] | None:
+    """The GPUs picked by hand on this worker, or None when scheduling is automatic."""
+    manual = parse_gpu_ids(model)
+    if not manual:
+        return None
+    return [i for i in manual.get(res.worker.name, []) if i in res.gpu_total]
+
+
+def allowed_gpus(model: Model, res: WorkerResources) -> list[int]:
+    picked = manual_gpus(model, res)
+    return sorted(res.gpu_total) if picked is None else picked
+
+
+def fewest_gpus(candidates: list[Candidate]) -> list[Candidate]:
+    if not candidates:
+        return []
+    least = min(len(c.gpu_indexes) for c in candidates)
+    return [c for c in candidates if len(c.gpu_indexes) == least]

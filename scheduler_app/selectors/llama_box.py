@@ -1,0 +1,126 @@
+"""llama-box (llama.cpp) selectors: one GPU → fewest GPUs on one worker → across workers → partial offload → CPU."""
+
+from __future__ import annotations
+
+from models_app.models import Model
+from scheduler_app.estimate import ModelEstimate
+from scheduler_app.resources import WorkerResources, gib
+from scheduler_app.selectors.common import (
+    Candidate,
+    Reasons,
+    allowed_gpus,
+    fewest_gpus,
+    llama_box_candidate,
+    manual_gpus,
+    per_worker,
+)
+
+
+def _fits(claim, gpus: list[int], res: WorkerResources) -> bool:
+    return claim.ram <= res.ram_free and all(claim.vram.get(pos, 0) <= res.gpu_free[i] for pos, i in enumerate(gpus))
+
+
+def _split_for(est: ModelEstimate, gpus: list[int], res: WorkerResources) -> list[float]:
+    """The user's --tensor-split when it names every GPU, else proportional to free VRAM."""
+    given = est.params.get("tensor_split")
+    if given and len(given) == len(gpus):
+        return list(given)
+    return [float(max(res.gpu_free[i], 0)) for i in gpus]
+
+
+@per_worker
+def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    claim = est.claim(offload_layers=est.total_layers, gpu_count=1)
+    need = claim.vram.get(0, 0)
+    found = []
+    for res in pool:
+        gpus = allowed_gpus(model, res)
+        if not gpus or (manual_gpus(model, res) is not None and len(gpus) != 1):
+            continue
+        fitting = [i for i in gpus if _fits(claim, [i], res)]
+        if fitting:
+            found += [llama_box_candidate(res, [i], claim, est) for i in fitting]
+        elif claim.ram > res.ram_free:
+            reasons.add(res.worker.name, f"needs {gib(claim.ram)} RAM, has {gib(res.ram_free)} free")
+        else:
+            reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "
+                                         f"{gib(max(res.gpu_free[i] for i in gpus))}")
+    return found
+
+
+def multi_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    """The fewest GPUs of one worker that hold the whole model, split in proportion to their free VRAM."""
+    found = []
+    for res in pool:
+        gpus = allowed_gpus(model, res)
+        if len(gpus) < 2:
+            continue
+        by_free = sorted(gpus, key=lambda i: (-res.gpu_free[i], i))
+        subsets = [gpus] if manual_gpus(model, res) is not None else [by_free[:n] for n in range(2, len(gpus) + 1)]
+        for chosen in subsets:
+            split = _split_for(est, chosen, res)
+            claim = est.claim(offload_layers=est.total_layers, gpu_count=len(chosen), tensor_split=split)
+            if _fits(claim, chosen, res):
+                found.append(llama_box_candidate(res, chosen, claim, est))
+                break
+        else:
+            total_need = sum(est.claim(offload_layers=est.total_layers, gpu_count=1).vram.values())
+            reasons.add(res.worker.name, f"needs about {gib(total_need)} VRAM across {len(gpus)} GPUs, has "
+                                         f"{gib(sum(max(res.gpu_free[i], 0) for i in gpus))} free")
+    return fewest_gpus(found)
+
+
+def across_workers(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    """Distributed inference over several workers (llama.cpp RPC); the distributed-inference issue fills this."""
+    return []
+
+
+def partial_offload(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    """As many layers on the worker's GPUs as fit, the rest in RAM; the workers that offload the most win."""
+    found = []
+    for res in pool:
+        gpus = allowed_gpus(model, res)
+        if not gpus:
+            continue
+        if not model.cpu_offloading:
+            reasons.add(res.worker.name, "cpu_offloading is off")
+            continue
+        split = _split_for(est, gpus, res)
+        best = None
+        lo, hi = 1, est.total_layers - 1
+        while lo <= hi:  # VRAM use grows with the layer count: binary search the largest that fits
+            mid = (lo + hi) // 2
+            claim = est.claim(offload_layers=mid, gpu_count=len(gpus), tensor_split=split)
+            if all(claim.vram.get(pos, 0) <= res.gpu_free[i] for pos, i in enumerate(gpus)):
+                best, lo = claim, mid + 1
+            else:
+                hi = mid - 1
+        if best is not None and best.ram <= res.ram_free:
+            found.append(llama_box_candidate(res, gpus, best, est))
+        elif best is not None:
+            reasons.add(res.worker.name, f"with {best.offload_layers}/{best.total_layers} layers on GPU needs "
+                                         f"{gib(best.ram)} RAM, has {gib(res.ram_free)} free")
+    if not found:
+        return []
+    most = max(c.offload_layers for c in found)
+    return [c for c in found if c.offload_layers == most]
+
+
+@per_worker
+def cpu_only(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    claim = est.claim(offload_layers=0, gpu_count=0)
+    found = []
+    for res in pool:
+        if manual_gpus(model, res) is not None:
+            continue  # GPUs were picked by hand: never fall back to the CPU
+        if res.has_gpus and not model.cpu_offloading:
+            reasons.add(res.worker.name, "cpu_offloading is off")
+            continue
+        if claim.ram <= res.ram_free:
+            found.append(llama_box_candidate(res, [], claim, est))
+        else:
+            reasons.add(res.worker.name, f"needs {gib(claim.ram)} RAM on CPU, has {gib(res.ram_free)} free")
+    return found
+
+
+SELECTORS = [single_gpu, multi_gpu, across_workers, partial_offload, cpu_only]

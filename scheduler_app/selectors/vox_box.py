@@ -1,0 +1,41 @@
+"""vox-box selectors: one GPU when one has room, else the CPU (speech models are small)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from models_app.models import Model
+from scheduler_app.estimate import ModelEstimate
+from scheduler_app.resources import WorkerResources, gib
+from scheduler_app.selectors.common import Candidate, Reasons, allowed_gpus, make_claim, manual_gpus, per_worker
+
+
+@per_worker
+def one_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    need = est.vox_box().bytes
+    found = []
+    for res in pool:
+        gpus = allowed_gpus(model, res)
+        fitting = [i for i in gpus if need <= res.gpu_free[i]]
+        found += [Candidate(res, [i], partial(make_claim, ram=0, vram={i: need})) for i in fitting]
+        if gpus and not fitting:
+            reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "
+                                         f"{gib(max(res.gpu_free[i] for i in gpus))}")
+    return found
+
+
+@per_worker
+def cpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    need = est.vox_box().bytes
+    found = []
+    for res in pool:
+        if manual_gpus(model, res) is not None:
+            continue
+        if need <= res.ram_free:
+            found.append(Candidate(res, [], partial(make_claim, ram=need, vram={})))
+        else:
+            reasons.add(res.worker.name, f"needs {gib(need)} RAM on CPU, has {gib(res.ram_free)} free")
+    return found
+
+
+SELECTORS = [one_gpu, cpu]
