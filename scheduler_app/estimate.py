@@ -63,7 +63,8 @@ class ModelEstimate:
         return estimate(self.gguf, ctx_size=self.ctx_size, offload_layers=offload_layers, gpu_count=gpu_count,
                         tensor_split=split, cache_type_k=self.params.get("cache_type_k", "f16"),
                         cache_type_v=self.params.get("cache_type_v", "f16"),
-                        parallel=int(self.params.get("parallel") or 4))
+                        parallel=int(self.params.get("parallel") or 4),
+                        cache_ram=max(0, int(self.params.get("cache_ram_mib") or 0)) * 1024**2)
 
     def vox_box(self) -> VoxBoxClaim:
         if self.hf is None:

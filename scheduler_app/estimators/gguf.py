@@ -11,10 +11,18 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from gguf.constants import GGMLQuantizationType
+
 from scheduler_app.estimators.gguf_reader import ArrayInfo, GGUFHeader
 
-PROCESS_OVERHEAD = 48 * 1024**2  # llama-server's own code, heap and HTTP threads, measured on a tiny model
+# llama-server beside its buffers, measured (bench/estimate_accuracy.py): ~12 MiB of binary pages + ~2 MiB heap, plus
+# ~200 B per vocabulary token (tokenizer tables, ~25 MiB at 128k) and room for a few short prompt-cache entries.
+# Not included: the server's prompt cache (--cache-ram, 8 GiB by default) as it fills with long prompts.
+PROCESS_OVERHEAD = 48 * 1024**2
 UBATCH = 512  # llama-server's default -ub
+# On x86 with AVX2, llama.cpp repacks CPU-resident Q4_0/Q4_K/IQ4_NL matrices into an extra anonymous copy
+# (CPU_REPACK buffer) while the mapped file stays resident: those layers cost twice their size in RAM.
+REPACKED_TYPES = {GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.IQ4_NL}
 POOLING_NONE, POOLING_RANK = 0, 4
 EMBEDDING_ARCHITECTURES = {"bert", "nomic-bert", "jina-bert-v2", "nomic-bert-moe", "t5encoder"}
 CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
@@ -42,6 +50,7 @@ class GGUFModelInfo:
     n_ff: int = 0
     file_type: int | None = None
     categories: list[str] = field(default_factory=list)
+    layer_repack_bytes: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -76,12 +85,15 @@ def model_info(headers: list[GGUFHeader]) -> GGUFModelInfo:
     tensors = [t for h in headers for t in h.tensors]
     n_layer = _first_int(first.arch_get("block_count"))
     layer_bytes = [0] * n_layer
+    layer_repack_bytes = [0] * n_layer
     by_name = {}
     for t in tensors:
         by_name[t.name] = t
         match = _BLOCK_RE.match(t.name)
         if match and int(match[1]) < n_layer:
             layer_bytes[int(match[1])] += t.n_bytes
+            if t.ggml_type in REPACKED_TYPES and len(t.shape) == 2:
+                layer_repack_bytes[int(match[1])] += t.n_bytes
     weight_bytes = sum(t.n_bytes for t in tensors)
     token_embd = by_name.get("token_embd.weight")
     output = by_name.get("output.weight") or token_embd  # tied embeddings: the output reuses token_embd
@@ -104,6 +116,7 @@ def model_info(headers: list[GGUFHeader]) -> GGUFModelInfo:
         pooling_type=None if pooling is None else int(pooling),
         weight_bytes=weight_bytes,
         layer_bytes=layer_bytes,
+        layer_repack_bytes=layer_repack_bytes,
         non_layer_bytes=weight_bytes - sum(layer_bytes),
         output_bytes=output.n_bytes if output else 0,
         token_embd_bytes=token_embd.n_bytes if token_embd else 0,
@@ -123,11 +136,16 @@ def kv_cache_bytes(info: GGUFModelInfo, ctx_size: int, layers: int, cache_type_k
 
 
 def compute_buffer_bytes(info: GGUFModelInfo, ctx_size: int) -> int:
-    """Scratch for one micro-batch: logits, activations and attention scores, in f32."""
-    logits = info.n_vocab * UBATCH * 4
-    activations = (4 * info.n_embd + 2 * info.n_ff) * UBATCH * 4
-    attention = info.n_head * min(ctx_size, 4096) * UBATCH * 4 // 8  # flash attention tiles the scores
-    return logits + activations + attention
+    """llama.cpp's compute buffer for one -ub micro-batch with flash attention (on by default), plus its logits buffer.
+
+    Matches llama-server's "compute buffer size" to 0.01 MiB on 8B / 70B / Qwen-0.5B / the bench shapes at 0.5k-32k
+    ctx (within a few MiB above it when n_ff < 2.75 n_embd); it does not grow with n_vocab, n_head or n_layer.
+    """
+    mask = ctx_size * UBATCH * 2  # the f16 KQ mask, kv cells x ubatch: the only part that grows with ctx
+    n_ff = info.n_ff or 4 * info.n_embd
+    activations = (3 * n_ff + 4 * info.n_embd) * UBATCH * 4  # f32 peak in the FFN: gate, up, their product + residuals
+    logits = info.n_vocab * 4 * 4  # the output buffer: last-token f32 logits for each of 4 sequences (-np auto)
+    return mask + activations + logits
 
 
 def _split_layers(n: int, weights: list[float]) -> list[int]:
@@ -142,7 +160,7 @@ def _split_layers(n: int, weights: list[float]) -> list[int]:
 
 def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int | None = None, gpu_count: int = 0,
              tensor_split: list[float] | None = None, cache_type_k: str = "f16", cache_type_v: str = "f16",
-             parallel: int = 4) -> LlamaBoxClaim:
+             parallel: int = 4, cache_ram: int = 0) -> LlamaBoxClaim:
     """The claim for offloading `offload_layers` of n_layer + 1 layers across `gpu_count` GPUs (0 = CPU only)."""
     total_layers = info.n_layer + 1
     k = total_layers if offload_layers is None else max(0, min(offload_layers, total_layers))
@@ -152,7 +170,8 @@ def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int |
     kv_per_layer = kv_cache_bytes(info, ctx_size, 1, cache_type_k, cache_type_v)
     gpu_blocks = max(0, k - 1)  # the output layer is the first one offloaded
     cpu_blocks = info.n_layer - gpu_blocks
-    ram = (PROCESS_OVERHEAD + info.non_layer_bytes + sum(info.layer_bytes[:cpu_blocks])
+    ram = (PROCESS_OVERHEAD + cache_ram + info.non_layer_bytes + sum(info.layer_bytes[:cpu_blocks])
+           + sum(info.layer_repack_bytes[:cpu_blocks])
            + cpu_blocks * kv_per_layer + compute)
     if k == 0:
         return LlamaBoxClaim(ram=int(ram), vram={}, offload_layers=0, total_layers=total_layers)
@@ -173,8 +192,9 @@ def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int |
 _FLAG_ALIASES = {"-c": "ctx_size", "--ctx-size": "ctx_size", "-ngl": "n_gpu_layers", "--n-gpu-layers": "n_gpu_layers",
                  "--gpu-layers": "n_gpu_layers", "-ts": "tensor_split", "--tensor-split": "tensor_split",
                  "-ctk": "cache_type_k", "--cache-type-k": "cache_type_k", "-ctv": "cache_type_v",
-                 "--cache-type-v": "cache_type_v", "-np": "parallel", "--parallel": "parallel"}
-_INT_KEYS = {"ctx_size", "n_gpu_layers", "parallel"}
+                 "--cache-type-v": "cache_type_v", "-np": "parallel", "--parallel": "parallel",
+                 "--cache-ram": "cache_ram_mib", "-cram": "cache_ram_mib"}
+_INT_KEYS = {"ctx_size", "n_gpu_layers", "parallel", "cache_ram_mib"}
 
 
 class BackendParameterError(ValueError):

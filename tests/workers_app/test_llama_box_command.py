@@ -37,3 +37,9 @@ def test_gpu_instance_offloads_the_claimed_layers():
     cmd = LlamaBox().command(spec(gpu_indexes=[1], claim={"offload_layers": 33, "ctx_size": 8192}))
     assert cmd[cmd.index("-ngl") + 1] == "33"
     assert LlamaBox().environment(spec(gpu_indexes=[1]))["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_prompt_cache_is_off_unless_asked_for():
+    assert LlamaBox().command(spec())[-2:] == ["--cache-ram", "0"]
+    asked = LlamaBox().command(spec(backend_parameters=["--cache-ram", "512"]))
+    assert asked.count("--cache-ram") == 1 and asked[asked.index("--cache-ram") + 1] == "512"

@@ -42,6 +42,8 @@ class LlamaBox(Backend):
             cmd += ["--tensor-split", ",".join(f"{x:g}" for x in spec.claim["tensor_split"])]
         if not given & {"-c", "--ctx-size"} and spec.claim.get("ctx_size"):
             cmd += ["--ctx-size", str(spec.claim["ctx_size"])]
+        if not given & {"--cache-ram", "-cram"}:
+            cmd += ["--cache-ram", "0"]  # the prompt cache grows to 8 GiB by default: only when asked, and estimated
         if "embedding" in spec.categories and not given & {"--embedding", "--embeddings"}:
             cmd.append("--embeddings")
         if "reranker" in spec.categories and "--rerank" not in given:
