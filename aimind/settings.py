@@ -26,6 +26,10 @@ HEARTBEAT_INTERVAL = env_float("AIMIND_HEARTBEAT_INTERVAL", 5.0, minimum=0.1)
 WORKER_STALE_AFTER = env_float("AIMIND_WORKER_STALE_AFTER", 60.0, minimum=1.0)
 HEALTH_CHECK_INTERVAL = env_float("AIMIND_HEALTH_CHECK_INTERVAL", 1.0, minimum=0.1)
 BACKEND_START_TIMEOUT = env_float("AIMIND_BACKEND_START_TIMEOUT", 600.0, minimum=1.0)
+# Restarts after an error: at once, then base, 2×base, 4×base … capped; the count resets after a long clean run.
+RESTART_BACKOFF_BASE = env_float("AIMIND_RESTART_BACKOFF_BASE", 10.0, minimum=0.0)
+RESTART_BACKOFF_MAX = env_float("AIMIND_RESTART_BACKOFF_MAX", 300.0, minimum=0.0)
+RESTART_RESET_AFTER = env_float("AIMIND_RESTART_RESET_AFTER", 600.0, minimum=1.0)
 BACKEND_PORT_RANGE = (env_int("AIMIND_BACKEND_PORT_MIN", 40000, minimum=1024, maximum=65535),
                       env_int("AIMIND_BACKEND_PORT_MAX", 41000, minimum=1024, maximum=65535))
 
@@ -136,7 +140,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_BEAT_SCHEDULE = {
-    "mark-stale-workers": {"task": "workers_app.tasks.mark_stale_workers", "schedule": 10.0,
+    "mark-stale-workers": {"task": "workers_app.tasks.mark_stale_workers",
+                           "schedule": min(10.0, WORKER_STALE_AFTER / 3),
                            "options": {"queue": "scheduler", "expires": 10}},
     "schedule-pending-instances": {"task": "scheduler_app.tasks.schedule_pending_instances", "schedule": 15.0,
                                    "options": {"queue": "scheduler", "expires": 15}},

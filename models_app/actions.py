@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterable
+from datetime import timedelta
 
+from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, IntegerField, Value, When
+from django.db.models import F
 from django.utils import timezone
 
 from models_app.choices import InstanceState
@@ -15,14 +17,21 @@ from models_app.models import Model, ModelInstance
 
 logger = logging.getLogger(__name__)
 
-# Scale-down victims, least useful first: broken, then not yet running, then running.
-_VICTIM_ORDER = Case(
-    When(state__in=[InstanceState.ERROR, InstanceState.UNREACHABLE], then=Value(0)),
-    When(state=InstanceState.PENDING, then=Value(1)),
-    When(state=InstanceState.RUNNING, then=Value(3)),
-    default=Value(2),
-    output_field=IntegerField(),
-)
+_STATE_USEFULNESS = {InstanceState.ERROR: 0, InstanceState.UNREACHABLE: 0, InstanceState.PENDING: 1,
+                     InstanceState.RUNNING: 3}
+
+
+def _victim_order(instance: ModelInstance) -> tuple:
+    """Scale-down victims, least useful first: broken, waiting, starting, then running;
+    CPU-offloaded before fully GPU-resident; the newest first."""
+    return _STATE_USEFULNESS.get(instance.state, 2), not instance.offloads_to_cpu, -instance.pk
+
+
+def restart_delay(restart_count: int) -> float:
+    """Seconds before the next restart: the first at once, then base, 2×base, 4×base …, capped."""
+    if restart_count <= 0:
+        return 0.0
+    return min(settings.RESTART_BACKOFF_BASE * 2 ** (restart_count - 1), settings.RESTART_BACKOFF_MAX)
 
 
 def _after_commit_schedule(instance_ids: Iterable[int]) -> None:
@@ -47,17 +56,20 @@ def _after_commit_stop(instances: Iterable[ModelInstance]) -> None:
 
     def send() -> None:
         from scheduler_app.tasks import schedule_pending_instances
+        from workers_app import logs
         from workers_app.tasks import stop_instance
 
         for instance_id, queue in targets:
             stop_instance.apply_async(args=[instance_id], queue=queue)
         schedule_pending_instances.delay()  # the freed resources may let a pending instance fit
+        logs.forget([instance_id for instance_id, _ in targets])
 
     transaction.on_commit(send)
 
 
 def _new_instance(model: Model) -> ModelInstance:
-    return ModelInstance.objects.create(model=model, name=f"{model.name}-{secrets.token_hex(3)}")
+    return ModelInstance.objects.create(model=model, name=f"{model.name}-{secrets.token_hex(3)}",
+                                        config_version=model.config_version)
 
 
 @transaction.atomic
@@ -69,9 +81,13 @@ def do_create_model(**fields) -> Model:
 
 @transaction.atomic
 def do_update_model(model: Model, fields: dict) -> Model:
-    """Changing `replicas` scales at once; other fields apply to instances created from now on."""
+    """Changing `replicas` scales at once; other fields apply to instances created from now on
+    (running ones are left alone and show as outdated)."""
+    changed = {name for name, value in fields.items() if getattr(model, name) != value}
     for name, value in fields.items():
         setattr(model, name, value)
+    if changed - Model.LIVE_FIELDS:
+        model.config_version += 1
     model.save()
     do_sync_replicas(model)
     return model
@@ -91,9 +107,10 @@ def do_sync_replicas(model: Model) -> None:
     """Create or delete instances until the model has exactly `replicas` of them."""
     with transaction.atomic():
         # Lock the model row so two scalers never both add (or both remove) the same replica.
-        model = Model.objects.select_for_update().get(pk=model.pk)
-        current = list(ModelInstance.objects.filter(model=model).select_related("worker")
-                       .annotate(victim_rank=_VICTIM_ORDER).order_by("victim_rank", "-id"))
+        model = Model.objects.select_for_update().filter(pk=model.pk).first()
+        if model is None:
+            return  # deleted meanwhile: whoever deleted it stopped its instances
+        current = sorted(ModelInstance.objects.filter(model=model).select_related("worker"), key=_victim_order)
         missing = model.replicas - len(current)
         if missing > 0:
             _after_commit_schedule(_new_instance(model).id for _ in range(missing))
@@ -122,10 +139,65 @@ def do_delete_instance(instance: ModelInstance) -> None:
 
 @transaction.atomic
 def do_delete_model(model: Model) -> None:
+    """Stop the instances, then remove the model. Deleting twice, or at once from two places, is harmless."""
     Model.objects.filter(pk=model.pk).update(replicas=0)
     model.replicas = 0
     do_sync_replicas(model)
     Model.objects.filter(pk=model.pk).delete()
+
+
+def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iterable[str]) -> bool:
+    """The backend failed: `error`, with the restart (if the model wants one) booked as data, not a timer."""
+    restart = Model.objects.filter(pk=instance.model_id, restart_on_error=True).exists()
+    next_at = timezone.now() + timedelta(seconds=restart_delay(instance.restart_count)) if restart else None
+    return do_set_instance_state(instance, InstanceState.ERROR, from_states=from_states, message=message,
+                                 pid=None, running_since=None, next_restart_at=next_at)
+
+
+def do_restart_instance(instance: ModelInstance) -> bool:
+    """An errored instance whose restart is due starts again on the same worker."""
+    now = timezone.now()
+    updated = ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.ERROR).update(
+        state=InstanceState.SCHEDULED, restart_count=F("restart_count") + 1, last_restart_at=now,
+        next_restart_at=None, updated_at=now,
+        state_message=f"restarting after: {instance.state_message}"[:2000])
+    if updated:
+        instance.refresh_from_db()
+        logger.info("instance %s restarting (restart #%s)", instance.name, instance.restart_count)
+    return bool(updated)
+
+
+def do_mark_running(instance: ModelInstance) -> bool:
+    return do_set_instance_state(instance, InstanceState.RUNNING, from_states=[InstanceState.STARTING],
+                                 running_since=timezone.now())
+
+
+def do_forgive_restarts(instance: ModelInstance) -> bool:
+    """Running cleanly for RESTART_RESET_AFTER seconds: the next failure restarts at once again."""
+    cutoff = timezone.now() - timedelta(seconds=settings.RESTART_RESET_AFTER)
+    return bool(ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.RUNNING, running_since__lte=cutoff,
+                                             restart_count__gt=0).update(restart_count=0))
+
+
+def do_move_off_lost_worker(worker_name: str, instance_ids: list[int]) -> int:
+    """Instances of a worker that stopped answering: shown unreachable, then placed again elsewhere.
+    The old worker ends their processes when it returns (they are no longer its instances)."""
+    moved = ModelInstance.objects.filter(pk__in=instance_ids, state=InstanceState.UNREACHABLE).update(
+        state=InstanceState.PENDING, worker=None, pid=None, port=None, gpu_indexes=[], computed_resource_claim={},
+        running_since=None, updated_at=timezone.now(),
+        state_message=f"worker {worker_name} stopped answering; placing the instance elsewhere")
+    if moved:
+        _after_commit_schedule_pending()
+    return moved
+
+
+def _after_commit_schedule_pending() -> None:
+    def send() -> None:
+        from scheduler_app.tasks import schedule_pending_instances
+
+        schedule_pending_instances.delay()
+
+    transaction.on_commit(send)
 
 
 def do_set_instance_state(

@@ -14,7 +14,8 @@ def state_badge(state: str, label: str):
 
 class ModelInstanceInline(admin.TabularInline):
     model = ModelInstance
-    fields = ["name", "worker", "gpu_indexes", "port", "state", "state_message", "restart_count"]
+    fields = ["name", "worker", "gpu_indexes", "port", "state", "state_message", "restart_count",
+              "next_restart_at", "config_version"]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -78,7 +79,7 @@ class ModelAdmin(admin.ModelAdmin):
 @admin.register(ModelInstance)
 class ModelInstanceAdmin(admin.ModelAdmin):
     list_display = ["name", "model", "worker", "gpu_indexes", "port", "state_label", "state_message",
-                    "restart_count", "next_restart_at", "updated_at"]
+                    "restart_count", "next_restart_at", "is_outdated", "updated_at"]
     list_filter = ["state", "model", "worker"]
     search_fields = ["name", "model__name", "worker__name", "state_message"]
     readonly_fields = [f.name for f in ModelInstance._meta.fields]
@@ -90,6 +91,10 @@ class ModelInstanceAdmin(admin.ModelAdmin):
     @admin.display(description="state", ordering="state")
     def state_label(self, obj):
         return state_badge(obj.state, obj.get_state_display())
+
+    @admin.display(description="outdated", boolean=True)
+    def is_outdated(self, obj):
+        return obj.outdated
 
     def delete_model(self, request, obj):
         actions.do_delete_instance(obj)

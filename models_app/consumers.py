@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import redis.asyncio
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -11,6 +12,7 @@ from django.conf import settings
 from gateway_app.authentication import bearer_token
 from gateway_app.models import ApiKey
 from models_app.models import ModelInstance
+from workers_app import logs
 
 BACKLOG_LINES = 200
 POLL_SECONDS = 0.25
@@ -44,6 +46,30 @@ class InstanceLogConsumer(AsyncWebsocketConsumer):
             follower.cancel()
 
     async def _follow(self) -> None:
+        if settings.REDIS_URL:
+            await self._follow_stream()
+        else:
+            await self._follow_file()
+
+    async def _follow_stream(self) -> None:
+        """Backlog from the instance's stream, then each new entry as the worker adds it."""
+        key = logs.stream_key(self.instance_id)
+        conn = redis.asyncio.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+        try:
+            backlog = await conn.xrevrange(key, count=BACKLOG_LINES)
+            last_id = backlog[0][0] if backlog else "0-0"
+            for _, fields in reversed(backlog):
+                await self.send(text_data=fields.get("line", ""))
+            while True:
+                for _, entries in await conn.xread({key: last_id}, block=1000, count=500) or []:
+                    for entry_id, fields in entries:
+                        await self.send(text_data=fields.get("line", ""))
+                        last_id = entry_id
+        finally:
+            await conn.aclose()
+
+    async def _follow_file(self) -> None:
+        """Without Redis (one process, no cluster) the log file on this machine is the source."""
         path = settings.DATA_DIR / "logs" / "instances" / f"{self.instance_id}.log"
         position = 0
         first = True
@@ -51,19 +77,15 @@ class InstanceLogConsumer(AsyncWebsocketConsumer):
             try:
                 with open(path, "rb") as f:
                     f.seek(0, 2)
-                    size = f.tell()
-                    if size < position:  # rotated or truncated: start over
+                    if f.tell() < position:  # rotated: start over
                         position = 0
                     f.seek(position)
                     data = f.read()
                     position = f.tell()
             except FileNotFoundError:
                 data = b""
-            if data:
-                lines = data.decode("utf-8", "replace").splitlines()
-                if first:
-                    lines = lines[-BACKLOG_LINES:]
-                for line in lines:
-                    await self.send(text_data=line)
+            lines = data.decode("utf-8", "replace").splitlines()
+            for line in lines[-BACKLOG_LINES:] if first else lines:
+                await self.send(text_data=line)
             first = False
             await asyncio.sleep(POLL_SECONDS)

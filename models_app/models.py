@@ -36,8 +36,13 @@ class Model(models.Model):
     cpu_offloading = models.BooleanField(default=True)
     distributed_inference_across_workers = models.BooleanField(default=True)
     restart_on_error = models.BooleanField(default=True)
+    config_version = models.PositiveIntegerField(default=1, editable=False,
+                                                 help_text="Bumped when a change needs new instances to take effect.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    # Changing these does not change what a running instance is: no new config version.
+    LIVE_FIELDS = frozenset({"replicas", "description", "restart_on_error"})
 
     class Meta:
         ordering = ["name"]
@@ -81,6 +86,8 @@ class ModelInstance(models.Model):
     computed_resource_claim = models.JSONField(default=dict, blank=True)
     distributed_servers = models.JSONField(default=list, blank=True)
     resolved_path = models.CharField(max_length=1024, blank=True, default="")
+    config_version = models.PositiveIntegerField(default=1, help_text="The model's config version it was created with.")
+    running_since = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -97,3 +104,13 @@ class ModelInstance(models.Model):
     @property
     def state_colour(self) -> str:
         return InstanceState.colour(self.state)
+
+    @property
+    def outdated(self) -> bool:
+        """Runs an older configuration of its model; deleting it brings a replacement with the current one."""
+        return self.config_version < self.model.config_version
+
+    @property
+    def offloads_to_cpu(self) -> bool:
+        claim = self.computed_resource_claim or {}
+        return int(claim.get("offload_layers") or 0) < int(claim.get("total_layers") or 0)

@@ -53,9 +53,9 @@ class ModelSerializer(serializers.ModelSerializer):
             "model_scope_model_id", "model_scope_file_path", "local_path", "replicas", "ready_replicas",
             "categories", "placement_strategy", "worker_selector", "gpu_selector", "backend", "backend_version",
             "backend_parameters", "env", "cpu_offloading", "distributed_inference_across_workers",
-            "restart_on_error", "created_at", "updated_at",
+            "restart_on_error", "config_version", "created_at", "updated_at",
         ]
-        read_only_fields = ["created_at", "updated_at"]
+        read_only_fields = ["config_version", "created_at", "updated_at"]
 
     def validate_gpu_selector(self, value):
         if value in (None, {}):
@@ -101,12 +101,15 @@ class ModelSerializer(serializers.ModelSerializer):
 class ModelInstanceSerializer(serializers.ModelSerializer):
     worker_name = serializers.CharField(source="worker.name", read_only=True, default=None)
     model_name = serializers.CharField(source="model.name", read_only=True)
+    outdated = serializers.BooleanField(read_only=True, help_text="Runs an older configuration of its model; "
+                                                                  "deleting it recreates it with the current one.")
 
     class Meta:
         model = ModelInstance
         fields = [
             "id", "name", "model", "model_name", "worker", "worker_name", "gpu_indexes", "port", "pid", "state",
             "state_message", "download_progress", "restart_count", "last_restart_at", "next_restart_at",
-            "computed_resource_claim", "distributed_servers", "created_at", "updated_at",
+            "computed_resource_claim", "distributed_servers", "config_version", "outdated", "running_since",
+            "created_at", "updated_at",
         ]
         read_only_fields = fields

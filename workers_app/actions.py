@@ -5,19 +5,11 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
+from models_app.actions import _after_commit_schedule_pending
 from models_app.choices import InstanceState
 from models_app.models import ModelInstance
 from workers_app.choices import WorkerState
 from workers_app.models import Worker
-
-
-def _after_commit_schedule_pending() -> None:
-    def send() -> None:
-        from scheduler_app.tasks import schedule_pending_instances
-
-        schedule_pending_instances.delay()
-
-    transaction.on_commit(send)
 
 
 @transaction.atomic

@@ -14,11 +14,18 @@ from pathlib import Path
 import httpx
 from django.conf import settings
 from django.db import close_old_connections
+from django.utils import timezone
 
-from models_app.actions import do_set_instance_state
+from models_app.actions import (
+    do_fail_instance,
+    do_forgive_restarts,
+    do_mark_running,
+    do_restart_instance,
+    do_set_instance_state,
+)
 from models_app.choices import InstanceState, SourceChoices
 from models_app.models import ModelInstance
-from workers_app import inventory, processes
+from workers_app import inventory, logs, processes
 from workers_app.backends.base import BackendError, LaunchSpec, get_backend
 from workers_app.processes import BackendProcess
 
@@ -51,12 +58,17 @@ class NodeAgent:
         self.http = httpx.Client(timeout=5.0, headers={"Authorization": f"Bearer {token}"})
         self.health_http = httpx.Client(timeout=1.0)
         self.threads: list[threading.Thread] = []
+        redis_conn = logs.client()
+        self.shipper = logs.LogShipper(redis_conn) if redis_conn is not None else None
 
     def start(self) -> None:
         global _current
         _current = self
         self._end_leftover_processes()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._supervise_loop, "supervisor")):
+        loops = [(self._heartbeat_loop, "heartbeat"), (self._supervise_loop, "supervisor")]
+        if self.shipper is not None:
+            loops.append((self._ship_loop, "log-shipper"))
+        for target, name in loops:
             thread = threading.Thread(target=target, name=f"agent-{name}", daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -135,8 +147,7 @@ class NodeAgent:
             try:
                 proc = self._start_backend(instance)
             except BackendError as exc:
-                do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.STARTING],
-                                      message=str(exc), pid=None)
+                do_fail_instance(instance, str(exc), from_states=[InstanceState.STARTING])
                 return
             self.processes[instance_id] = proc
             processes.write_pidfile(self.data_dir, proc, self.name)
@@ -159,6 +170,8 @@ class NodeAgent:
                           backend_version=model.backend_version, env=dict(model.env or {}))
         cmd = backend.command(spec)
         log_path = self.data_dir / "logs" / "instances" / f"{instance.pk}.log"
+        if self.shipper is not None:
+            self.shipper.start_at_end(instance.pk, log_path)
         popen = processes.start(cmd, env=backend.environment(spec), log_path=log_path)
         logger.info("instance %s: started pid %s on port %s", instance.name, popen.pid, port)
         return BackendProcess(instance.pk, popen, popen.pid, port, self.ip, log_path, time.monotonic())
@@ -169,7 +182,26 @@ class NodeAgent:
         if proc is not None:
             processes.terminate_group(proc.pid, proc.popen)
             processes.remove_pidfile(self.data_dir, instance_id)
+            self._ship(proc)
+            if not ModelInstance.objects.filter(pk=instance_id).exists():
+                logs.forget([instance_id])  # deleted: its log goes with it
             logger.info("instance %s: backend pid %s ended", instance_id, proc.pid)
+
+    def _ship(self, proc: BackendProcess) -> None:
+        if self.shipper is None:
+            return
+        try:
+            self.shipper.ship(proc.instance_id, proc.log_path)
+        except (OSError, logs.redis.RedisError) as exc:
+            logger.warning("could not ship the log of instance %s: %s", proc.instance_id, exc)
+
+    def _ship_loop(self) -> None:
+        """New log lines reach Redis within a fraction of a second (the WebSocket promises < 1 s)."""
+        while not self.stopping.wait(0.2):
+            with self.lock:
+                current = list(self.processes.values())
+            for proc in current:
+                self._ship(proc)
 
     def _next_check_in(self) -> float:
         with self.lock:
@@ -187,6 +219,18 @@ class NodeAgent:
                 close_old_connections()
 
     def supervise_once(self) -> None:
+        self._check_processes()
+        self._restart_due()
+
+    def _restart_due(self) -> None:
+        """Errored instances of this worker whose backoff has run out start again, here."""
+        due = ModelInstance.objects.filter(worker__name=self.name, state=InstanceState.ERROR,
+                                           model__restart_on_error=True, next_restart_at__lte=timezone.now())
+        for instance in due:
+            if do_restart_instance(instance):
+                self.launch(instance.pk)
+
+    def _check_processes(self) -> None:
         with self.lock:
             current = dict(self.processes)
         if not current:
@@ -207,11 +251,11 @@ class NodeAgent:
         with self.lock:
             self.processes.pop(instance.pk, None)
         processes.remove_pidfile(self.data_dir, instance.pk)
+        self._ship(proc)  # the last lines usually say why it died
         backend = get_backend(instance.model.backend or "llama-box")
         cause = backend.error_from_log(processes.tail_lines(proc.log_path))
         message = f"backend {processes.describe_exit(returncode)}" + (f": {cause}" if cause else "")
-        do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.STARTING,
-                              InstanceState.RUNNING], message=message, pid=None)
+        do_fail_instance(instance, message, from_states=[InstanceState.STARTING, InstanceState.RUNNING])
 
     def _check_health(self, instance: ModelInstance, proc: BackendProcess) -> None:
         backend = get_backend(instance.model.backend or "llama-box")
@@ -224,20 +268,22 @@ class NodeAgent:
             proc.health_failures = 0
             proc.healthy_once = True
             if instance.state == InstanceState.STARTING:
-                do_set_instance_state(instance, InstanceState.RUNNING, from_states=[InstanceState.STARTING])
+                do_mark_running(instance)
+            elif instance.restart_count:
+                do_forgive_restarts(instance)
             return
         if instance.state == InstanceState.STARTING:
             if time.monotonic() - proc.started_at > settings.BACKEND_START_TIMEOUT:
                 self.stop_instance(instance.pk)
-                do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.STARTING],
-                                      message=f"backend did not answer {backend.health_path} within "
-                                              f"{settings.BACKEND_START_TIMEOUT:.0f} s", pid=None)
+                do_fail_instance(instance, f"backend did not answer {backend.health_path} within "
+                                           f"{settings.BACKEND_START_TIMEOUT:.0f} s",
+                                 from_states=[InstanceState.STARTING])
             return
         proc.health_failures += 1
         if proc.health_failures >= HEALTH_FAILURES_BEFORE_ERROR:
             self.stop_instance(instance.pk)
-            do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.RUNNING],
-                                  message=f"backend stopped answering {backend.health_path}", pid=None)
+            do_fail_instance(instance, f"backend stopped answering {backend.health_path}",
+                             from_states=[InstanceState.RUNNING])
 
     def shutdown(self) -> None:
         """End every backend this agent started; their instances start again when the worker returns."""
@@ -248,6 +294,7 @@ class NodeAgent:
         for proc in owned:
             processes.terminate_group(proc.pid, proc.popen)
             processes.remove_pidfile(self.data_dir, proc.instance_id)
+            self._ship(proc)
         try:
             close_old_connections()
             for proc in owned:

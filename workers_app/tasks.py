@@ -4,8 +4,10 @@ from datetime import timedelta
 
 from celery import shared_task
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
+from models_app.actions import do_move_off_lost_worker
 from models_app.choices import InstanceState
 from models_app.models import ModelInstance
 from workers_app.choices import WorkerState
@@ -32,9 +34,15 @@ def mark_stale_workers() -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_STALE_AFTER)
     stale = list(Worker.objects.filter(state=WorkerState.READY, last_heartbeat_at__lt=cutoff))
     for worker in stale:
-        if Worker.objects.filter(pk=worker.pk, state=WorkerState.READY, last_heartbeat_at__lt=cutoff).update(
-                state=WorkerState.NOT_READY,
-                state_message=f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"):
-            ModelInstance.objects.filter(worker=worker, state__in=InstanceState.on_worker()).update(
+        with transaction.atomic():
+            if not Worker.objects.filter(pk=worker.pk, state=WorkerState.READY, last_heartbeat_at__lt=cutoff).update(
+                    state=WorkerState.NOT_READY,
+                    state_message=f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"):
+                continue
+            lost = list(ModelInstance.objects.filter(worker=worker, state__in=[*InstanceState.on_worker(),
+                                                                                InstanceState.ERROR])
+                        .values_list("pk", flat=True))
+            ModelInstance.objects.filter(pk__in=lost).update(
                 state=InstanceState.UNREACHABLE, state_message=f"worker {worker.name} is not ready")
+            do_move_off_lost_worker(worker.name, lost)
     return len(stale)

@@ -43,3 +43,10 @@ def test_prompt_cache_is_off_unless_asked_for():
     assert LlamaBox().command(spec())[-2:] == ["--cache-ram", "0"]
     asked = LlamaBox().command(spec(backend_parameters=["--cache-ram", "512"]))
     assert asked.count("--cache-ram") == 1 and asked[asked.index("--cache-ram") + 1] == "512"
+
+
+def test_exit_cause_is_the_last_line_that_reads_like_an_error():
+    backend = LlamaBox()
+    assert backend.error_from_log(["loading", "error: invalid argument: --no-such-flag", "usage: ..."]) == \
+        "error: invalid argument: --no-such-flag"
+    assert backend.error_from_log(["main: server is listening on http://127.0.0.1:4000"]) == ""

@@ -58,7 +58,7 @@ def test_heartbeat_refreshes_the_worker():
     assert worker.ram_total == 4 * 1024**3
 
 
-def test_silent_worker_becomes_not_ready_and_its_instances_unreachable():
+def test_silent_worker_becomes_not_ready_and_its_instances_move_elsewhere():
     silent = make_worker("silent", last_heartbeat_at=timezone.now() - timedelta(seconds=61))
     fresh = make_worker("fresh")
     model = Model.objects.create(name="m", source="local_path", local_path="/m.gguf")
@@ -69,7 +69,8 @@ def test_silent_worker_becomes_not_ready_and_its_instances_unreachable():
     instance.refresh_from_db()
     assert silent.state == "not_ready"
     assert fresh.state == "ready"
-    assert instance.state == "unreachable"
+    assert (instance.state, instance.worker) == ("pending", None)  # unreachable, then waiting for a new place
+    assert instance.state_message == "worker silent stopped answering; placing the instance elsewhere"
 
 
 def test_operator_edits_labels(api):

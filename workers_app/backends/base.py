@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+ERROR_WORDS = ("error", "failed", "invalid", "abort", "exception", "traceback", "cannot", "unable", "not found",
+               "out of memory")
+
 
 class BackendError(Exception):
     """A launch failed. `permanent` means retrying cannot help (bad arguments, missing file)."""
@@ -49,13 +52,13 @@ class Backend:
         return {"CUDA_VISIBLE_DEVICES": visible, **{k: str(v) for k, v in spec.env.items()}}
 
     def error_from_log(self, lines: list[str]) -> str:
-        """The most telling line of a failed run's log."""
-        meaningful = [line.strip() for line in lines if line.strip()]
-        for line in reversed(meaningful):
+        """The last line of a failed run's log that reads like a cause; empty when none does (a kill -9
+        leaves only ordinary lines, and quoting one of them would mislead)."""
+        for line in reversed([line.strip() for line in lines if line.strip()]):
             lowered = line.lower()
-            if "error" in lowered or "failed" in lowered or "invalid" in lowered:
+            if any(word in lowered for word in ERROR_WORDS):
                 return line
-        return meaningful[-1] if meaningful else ""
+        return ""
 
 
 _REGISTRY: dict[str, Backend] = {}

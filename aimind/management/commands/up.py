@@ -56,6 +56,9 @@ class Command(BaseCommand):
             if not wait_for_port("127.0.0.1", port, 10, alive=lambda: redis.popen.poll() is None):
                 raise CommandError("the embedded Redis did not start")
             env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            run_dir = settings.DATA_DIR / "run"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "redis.url").write_text(env["REDIS_URL"] + "\n")  # for workers added on this machine
         connect_host = "127.0.0.1" if settings.HOST in ("0.0.0.0", "::", "") else settings.HOST
         env.setdefault("AIMIND_SERVER_URL", f"http://{connect_host}:{settings.PORT}")
         if self.with_worker:
