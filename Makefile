@@ -32,10 +32,12 @@ migrate: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-# The same suite against PostgreSQL (DATABASE_URL, default: the local server with trust auth).
+# The whole suite (end-to-end included) against PostgreSQL: AIMIND_TEST_DATABASE_URL names the server
+# (default: the local one, trust auth). pytest-django creates and drops test_<name> (--create-db: never
+# reused, even with --reuse-db in PYTEST_ADDOPTS); each end-to-end system gets its own aimind_e2e_* database.
 test-postgres: setup
 	AIMIND_TEST_DATABASE_URL=$${AIMIND_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
-		$(PY) -m pytest -m "not e2e"
+		$(PY) -m pytest --create-db
 
 clean:
 	rm -rf $(VENV) .pytest_cache

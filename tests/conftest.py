@@ -1,14 +1,21 @@
-"""Test settings: a throw-away data dir; PostgreSQL when AIMIND_TEST_DATABASE_URL is set (see Makefile)."""
+"""Shared fixtures. The environment itself is set by tests/environment.py, loaded before Django."""
 
 import os
-import tempfile
 
-_data_dir = tempfile.mkdtemp(prefix="aimind-test-data-")
-os.environ["AIMIND_DATA_DIR"] = _data_dir
-os.environ.setdefault("AIMIND_TOKEN", "test-cluster-token")
-if os.environ.get("AIMIND_TEST_DATABASE_URL"):
-    os.environ["DATABASE_URL"] = os.environ["AIMIND_TEST_DATABASE_URL"]
-else:
-    os.environ.pop("DATABASE_URL", None)
+import pytest
+
+from tests.environment import DATA_DIR
 
 pytest_plugins = ["tests.factories"]
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix):
+    """On SQLite, the test database is a file (not pytest-django's in-memory default), so that other
+    processes can open it too (tests/scheduler/test_concurrent_placement.py)."""
+    from django.db import connections
+
+    db = connections["default"].settings_dict
+    if db["ENGINE"].endswith("sqlite3") and not db["TEST"].get("NAME"):
+        db["TEST"]["NAME"] = os.path.join(DATA_DIR, "test-db.sqlite3")
+

@@ -36,3 +36,15 @@ def test_empty_url_means_sqlite_in_the_data_dir(tmp_path):
 def test_unknown_database_scheme_is_refused(tmp_path):
     with pytest.raises(ImproperlyConfigured, match="mysql"):
         database_from_url("mysql://x/y", sqlite_path=tmp_path / "x")
+
+
+def test_tests_run_in_their_own_data_dir_and_database():
+    import os
+
+    from django.conf import settings
+
+    from tests.environment import DATA_DIR
+
+    assert str(settings.DATA_DIR) == DATA_DIR
+    expected = "postgresql" if os.environ.get("AIMIND_TEST_DATABASE_URL") else "sqlite3"
+    assert settings.DATABASES["default"]["ENGINE"].endswith(expected)

@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import psutil
@@ -22,6 +24,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def create_e2e_database(server_url: str) -> tuple[str, str]:
+    """A fresh, uniquely named database on the PostgreSQL server of `server_url`: (its name, its URL)."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"aimind_e2e_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return name, urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+
+
+def drop_e2e_database(server_url: str, name: str) -> None:
+    """Drop a database made by `create_e2e_database`, ending any connection still open to it."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
@@ -44,6 +66,9 @@ class RunningSystem:
     log_path: Path
     api_key: str = ""
     known_pids: set[int] = field(default_factory=set)
+    # PostgreSQL runs only (AIMIND_TEST_DATABASE_URL): the server, and the database made for this system.
+    pg_server_url: str = ""
+    pg_database: str = ""
 
     @property
     def base_url(self) -> str:
@@ -71,13 +96,14 @@ class RunningSystem:
         self.known_pids |= pids
         return pids
 
-    def wait_for_instances(self, model_id: int, state: str, count: int = 1, timeout: float = 90) -> list[dict]:
+    def wait_for_instances(self, model_id: int, state: str, count: int = 1, timeout: float = 90,
+                           tolerate_errors: bool = False) -> list[dict]:
         with self.client() as c:
             def ready():
                 instances = c.get(f"/api/v1/models/{model_id}/instances").json()
                 self.descendants()
                 matching = [i for i in instances if i["state"] == state]
-                failed = [i for i in instances if i["state"] == "error" and state != "error"]
+                failed = [i for i in instances if i["state"] == "error" and state != "error" and not tolerate_errors]
                 if failed:
                     raise AssertionError(f"instance {failed[0]['name']} failed: {failed[0]['state_message']}")
                 return matching if len(matching) >= count else None
@@ -97,6 +123,22 @@ class RunningSystem:
         except subprocess.TimeoutExpired:
             os.killpg(self.popen.pid, signal.SIGKILL)
             raise
+        finally:
+            self.drop_database()
+
+    def drop_database(self) -> None:
+        """Drop this system's PostgreSQL database (once its processes are gone); nothing to do on SQLite."""
+        if not self.pg_database:
+            return
+        procs = []
+        for pid in self.known_pids | {self.popen.pid}:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                continue
+        psutil.wait_procs(procs, timeout=15)  # what is still alive after this loses its connection (FORCE)
+        drop_e2e_database(self.pg_server_url, self.pg_database)
+        self.pg_database = ""
 
     def leftovers(self) -> list[str]:
         alive = []
@@ -114,19 +156,47 @@ def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str
     data_dir = tmp / "data"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMIND_", "DATABASE_URL", "REDIS_URL"))}
+    # SQLite in the data dir by default; with AIMIND_TEST_DATABASE_URL, a fresh database on that server.
+    pg_server_url = os.environ.get("AIMIND_TEST_DATABASE_URL", "")
+    pg_database = ""
+    if pg_server_url:
+        pg_database, env["DATABASE_URL"] = create_e2e_database(pg_server_url)
     if os.environ.get("AIMIND_CACHE_DIR"):
         env["AIMIND_CACHE_DIR"] = os.environ["AIMIND_CACHE_DIR"]
     env.update({
         "AIMIND_DATA_DIR": str(data_dir), "AIMIND_PORT": str(port), "AIMIND_BOOTSTRAP_PASSWORD": "e2e-password",
         "AIMIND_WORKER_NAME": worker_name, "AIMIND_HEARTBEAT_INTERVAL": "1", "AIMIND_HEALTH_CHECK_INTERVAL": "0.2",
+        # Time-dependent behaviour, shortened: restarts back off 2 s, 4 s, 8 s; silent workers are lost after 6 s.
+        "AIMIND_RESTART_BACKOFF_BASE": "2", "AIMIND_RESTART_BACKOFF_MAX": "8", "AIMIND_WORKER_STALE_AFTER": "6",
         "AIMIND_BACKEND_PORT_MIN": str(20000 + port % 20000), "AIMIND_BACKEND_PORT_MAX": str(20200 + port % 20000),
         **(extra_env or {}),
     })
     log_path = tmp / "up.log"
-    log = open(log_path, "wb")
-    popen = subprocess.Popen([sys.executable, str(REPO / "manage.py"), "up"], env=env, cwd=REPO, stdout=log,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    system = RunningSystem(data_dir, port, env, popen, log_path)
+    try:
+        with open(log_path, "wb") as log:
+            popen = subprocess.Popen([sys.executable, str(REPO / "manage.py"), "up"], env=env, cwd=REPO,
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+    except BaseException:
+        if pg_database:
+            drop_e2e_database(pg_server_url, pg_database)
+        raise
+    system = RunningSystem(data_dir, port, env, popen, log_path, pg_server_url=pg_server_url,
+                           pg_database=pg_database)
+    try:
+        _wait_until_up(system, worker_name)
+    except BaseException:
+        # Nobody else will stop a system that never came up: end its processes and drop its database.
+        try:
+            system.stop(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        raise
+    return system
+
+
+def _wait_until_up(system: RunningSystem, worker_name: str) -> None:
+    popen = system.popen
 
     def web_up():
         if popen.poll() is not None:
@@ -142,4 +212,21 @@ def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str
         wait_until(lambda: any(w["name"] == worker_name and w["state"] == "ready"
                                for w in c.get("/api/v1/workers").json()), 60, f"worker {worker_name} to join")
     system.descendants()
-    return system
+
+
+def start_extra_worker(system: RunningSystem, name: str, tmp: Path) -> subprocess.Popen:
+    """A second `manage.py worker` on this machine, joining `system` (its own data dir, the same database)."""
+    data_dir = tmp / f"worker-{name}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(system.env)
+    env.update({
+        "AIMIND_DATA_DIR": str(data_dir), "AIMIND_WORKER_NAME": name, "AIMIND_WORKER_IP": "127.0.0.1",
+        "AIMIND_SERVER_URL": system.base_url, "AIMIND_TOKEN": (system.data_dir / "token").read_text().strip(),
+        "REDIS_URL": (system.data_dir / "run" / "redis.url").read_text().strip(),
+        "AIMIND_BACKEND_PORT_MIN": str(int(env["AIMIND_BACKEND_PORT_MIN"]) + 500),
+        "AIMIND_BACKEND_PORT_MAX": str(int(env["AIMIND_BACKEND_PORT_MAX"]) + 500),
+    })
+    env.setdefault("DATABASE_URL", f"sqlite:///{system.data_dir / 'db.sqlite3'}")
+    log = open(tmp / f"worker-{name}.log", "ab")
+    return subprocess.Popen([sys.executable, str(REPO / "manage.py"), "worker"], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
