@@ -46,6 +46,7 @@ class GGUFModelInfo:
     non_layer_bytes: int
     output_bytes: int
     token_embd_bytes: int = 0
+    output_tied: bool = False  # no output.weight: llama.cpp reuses token_embd (copied if the output is offloaded)
     n_vocab: int = 0
     n_ff: int = 0
     file_type: int | None = None
@@ -119,6 +120,7 @@ def model_info(headers: list[GGUFHeader]) -> GGUFModelInfo:
         layer_repack_bytes=layer_repack_bytes,
         non_layer_bytes=weight_bytes - sum(layer_bytes),
         output_bytes=output.n_bytes if output else 0,
+        output_tied="output.weight" not in by_name and token_embd is not None,
         token_embd_bytes=token_embd.n_bytes if token_embd else 0,
         n_vocab=n_vocab,
         n_ff=_first_int(first.arch_get("feed_forward_length")),
@@ -135,7 +137,7 @@ def kv_cache_bytes(info: GGUFModelInfo, ctx_size: int, layers: int, cache_type_k
     return int(layers * ctx_size * per_token)
 
 
-def compute_buffer_bytes(info: GGUFModelInfo, ctx_size: int) -> int:
+def compute_buffer_bytes(info: GGUFModelInfo, ctx_size: int, parallel: int = 4) -> int:
     """llama.cpp's compute buffer for one -ub micro-batch with flash attention (on by default), plus its logits buffer.
 
     Matches llama-server's "compute buffer size" to 0.01 MiB on 8B / 70B / Qwen-0.5B / the bench shapes at 0.5k-32k
@@ -144,7 +146,7 @@ def compute_buffer_bytes(info: GGUFModelInfo, ctx_size: int) -> int:
     mask = ctx_size * UBATCH * 2  # the f16 KQ mask, kv cells x ubatch: the only part that grows with ctx
     n_ff = info.n_ff or 4 * info.n_embd
     activations = (3 * n_ff + 4 * info.n_embd) * UBATCH * 4  # f32 peak in the FFN: gate, up, their product + residuals
-    logits = info.n_vocab * 4 * 4  # the output buffer: last-token f32 logits for each of 4 sequences (-np auto)
+    logits = info.n_vocab * 4 * (parallel if parallel > 0 else 4)  # last-token f32 logits per sequence (-np -1: 4)
     return mask + activations + logits
 
 
@@ -166,7 +168,7 @@ def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int |
     k = total_layers if offload_layers is None else max(0, min(offload_layers, total_layers))
     if gpu_count <= 0:
         k = 0
-    compute = compute_buffer_bytes(info, ctx_size)
+    compute = compute_buffer_bytes(info, ctx_size, parallel)
     kv_per_layer = kv_cache_bytes(info, ctx_size, 1, cache_type_k, cache_type_v)
     gpu_blocks = max(0, k - 1)  # the output layer is the first one offloaded
     cpu_blocks = info.n_layer - gpu_blocks
@@ -175,7 +177,7 @@ def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int |
            + cpu_blocks * kv_per_layer + compute)
     if k == 0:
         return LlamaBoxClaim(ram=int(ram), vram={}, offload_layers=0, total_layers=total_layers)
-    ram -= info.output_bytes if info.output_bytes != info.token_embd_bytes else 0
+    ram -= 0 if info.output_tied else info.output_bytes  # a tied output is a GPU copy; token_embd stays on the CPU
     weights = tensor_split if tensor_split and len(tensor_split) == gpu_count else [1.0] * gpu_count
     counts = _split_layers(gpu_blocks, weights)
     vram: dict[int, int] = {}

@@ -20,6 +20,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 SMALL_ARRAY = 64  # arrays up to this many scalars are kept in full (e.g. per-layer head counts)
+MAX_STRING = 64 << 20  # real strings (chat templates) are KBs: a bigger length is corruption, not a 2^60-byte read
+MAX_DIMS = 8  # ggml has 4; anything far beyond is a corrupt tensor info
 
 # value type id -> struct format (scalars); 8 = string, 9 = array
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -81,8 +83,11 @@ class _Stream:
 
     def read(self, n: int) -> bytes:
         data = self.raw.read(n)
-        if len(data) != n:
-            raise GGUFFormatError(f"truncated GGUF header at byte {self.position} (wanted {n}, got {len(data)})")
+        while len(data) < n:  # raw streams (sockets, RawIOBase) may return short reads before EOF
+            more = self.raw.read(n - len(data))
+            if not more:
+                raise GGUFFormatError(f"truncated GGUF header at byte {self.position} (wanted {n}, got {len(data)})")
+            data += more
         self.position += n
         return data
 
@@ -107,10 +112,13 @@ class _Stream:
         buf, pos, unpack_from = b"", 0, struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > len(buf):
-                buf, pos = buf[pos:] + self.raw.read(1 << 20), 0
-                if len(buf) < 8:
+                buf, pos = buf[pos:], 0
+            while len(buf) < 8:  # a loop, as raw streams may return fewer bytes than asked
+                more = self.raw.read(1 << 20)
+                if not more:
                     raise GGUFFormatError(f"truncated GGUF string array near byte {self.position}")
-            end = pos + 8 + unpack_from(buf, pos)[0]
+                buf += more
+            end = pos + 8 + _check_length(unpack_from(buf, pos)[0], self.position)
             while end > len(buf):
                 more = self.raw.read(max(1 << 20, end - len(buf)))
                 if not more:
@@ -121,7 +129,13 @@ class _Stream:
         self.raw.seek(pos - len(buf), io.SEEK_CUR)  # give back what was read past the array
 
     def string(self) -> str:
-        return self.read(self.unpack("<Q")).decode("utf-8", "replace")
+        return self.read(_check_length(self.unpack("<Q"), self.position)).decode("utf-8", "replace")
+
+
+def _check_length(length: int, position: int) -> int:
+    if length > MAX_STRING:
+        raise GGUFFormatError(f"implausible GGUF string length {length} near byte {position} (corrupt header?)")
+    return length
 
 
 def _value(stream: _Stream, value_type: int) -> Any:
@@ -186,6 +200,8 @@ def read_gguf_header(source: str | os.PathLike | BinaryIO) -> GGUFHeader:
     for _ in range(n_tensors):
         name = stream.string()
         n_dims = stream.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise GGUFFormatError(f"tensor {name!r} has {n_dims} dimensions (corrupt header?)")
         shape = tuple(stream.unpack("<Q") for _ in range(n_dims))
         ggml_type = stream.unpack("<I")
         offset = stream.unpack("<Q")
