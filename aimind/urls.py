@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from models_app.api import ModelInstanceViewSet, ModelViewSet
+from models_app.sources_api import SourceFilesView, SourceModelsView
 from scheduler_app.api import EvaluationView
 from workers_app.api import GpuListView, WorkerViewSet
 
@@ -17,6 +18,8 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/gpus", GpuListView.as_view(), name="gpu-list"),
     path("api/v1/evaluations", EvaluationView.as_view(), name="evaluations"),
+    path("api/v1/sources/<str:hub>/models", SourceModelsView.as_view(), name="source-models"),
+    path("api/v1/sources/<str:hub>/files", SourceFilesView.as_view(), name="source-files"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

@@ -1,0 +1,27 @@
+"""Model hubs (Hugging Face, ModelScope): search, file listings grouped by quantization, direct range-capable URLs
+and the worker's downloads through each hub's own client. Endpoints come from the environment at call time:
+HF_ENDPOINT (default https://huggingface.co), MODELSCOPE_ENDPOINT (default https://www.modelscope.cn), HF_TOKEN."""
+
+from __future__ import annotations
+
+from models_app.sources.base import FileEntry, Source, SourceError
+from models_app.sources.grouping import group_files, match_files, parse_quantization, split_info
+from models_app.sources.rangefile import RangeFile
+
+__all__ = ["HUBS", "FileEntry", "RangeFile", "Source", "SourceError", "get_source", "group_files", "match_files",
+           "parse_quantization", "split_info"]
+
+HUBS = ("huggingface", "modelscope")
+
+
+def get_source(hub: str) -> Source:
+    """The source for a hub name; the client libraries are imported on first use."""
+    if hub == "huggingface":
+        from models_app.sources.huggingface import HuggingFaceSource
+
+        return HuggingFaceSource()
+    if hub == "modelscope":
+        from models_app.sources.modelscope import ModelScopeSource
+
+        return ModelScopeSource()
+    raise ValueError(f"unknown hub {hub!r} (one of {', '.join(HUBS)})")
