@@ -6,6 +6,7 @@ other Hugging Face-format models → vLLM.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -73,7 +74,12 @@ class ModelEstimate:
 
 
 class EstimateError(Exception):
-    """The model's files are there but cannot be understood: an error, not a wait."""
+    """The model's files cannot be read or understood: an error, not a wait — unless `retry` (a hub that could not
+    be reached), when the instance stays pending and the next scheduling pass asks again."""
+
+    def __init__(self, message: str, retry: bool = False):
+        super().__init__(message)
+        self.retry = retry
 
 
 def gguf_files_under(path: Path) -> list[Path]:
@@ -125,10 +131,60 @@ def read_header(path: Path):
     return _read_header_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
+@lru_cache(maxsize=64)
+def _remote_gguf_info(hub: str, repo: str, pattern: str, endpoint: str) -> GGUFModelInfo:
+    """Headers over HTTP range requests: a few MB of an 8B file, not the file."""
+    from models_app.sources import RangeFile, get_source
+
+    source = get_source(hub)
+    parts = [f for f in source.resolve(repo, pattern) if f.path.endswith(".gguf") and "mmproj" not in f.path.lower()]
+    if not parts:
+        raise EstimateError(f"no GGUF file in {repo} matches {pattern!r}")
+    headers = []
+    for part in sorted(parts, key=lambda f: f.path):
+        with RangeFile(source.file_url(repo, part.path)) as remote:
+            headers.append(read_gguf_header(remote))
+    return model_info(headers)
+
+
+@lru_cache(maxsize=64)
+def _remote_hf_info(hub: str, repo: str, endpoint: str) -> hf.HFModelInfo:
+    from models_app.sources import RangeFile, get_source
+
+    source = get_source(hub)
+    sizes = {f.path: f.size for f in source.list_files(repo)}
+    if "config.json" not in sizes:
+        raise EstimateError(f"{repo} has neither a GGUF file pattern nor a config.json")
+    with RangeFile(source.file_url(repo, "config.json")) as remote:
+        config = json.loads(remote.read())
+    return hf.info_from_config(config, hf.weight_files_size(sizes))
+
+
+def _estimate_remote(model: Model) -> ModelEstimate:
+    from models_app.sources import SourceError
+    from workers_app.downloads import hub_spec
+
+    hub, repo, pattern = hub_spec(model)
+    endpoint = os.environ.get("HF_ENDPOINT" if hub == "huggingface" else "MODELSCOPE_ENDPOINT", "")
+    try:
+        if pattern:
+            info = _remote_gguf_info(hub, repo, pattern, endpoint)
+            categories = list(model.categories or info.categories)
+            backend = choose_backend(model, categories, is_gguf=True)
+            return ModelEstimate(backend, categories, gguf=info, params=_params_for(model, backend))
+        hf_info = _remote_hf_info(hub, repo, endpoint)
+    except SourceError as exc:
+        raise EstimateError(f"{model.get_source_display()}: {exc}", retry=exc.status >= 500) from exc
+    except (GGUFFormatError, ValueError) as exc:
+        raise EstimateError(f"cannot read the metadata of {repo}: {exc}") from exc
+    categories = list(model.categories or hf_info.categories)
+    backend = choose_backend(model, categories, is_gguf=False)
+    return ModelEstimate(backend, categories, hf=hf_info, params=_params_for(model, backend))
+
+
 def estimate_model(model: Model) -> ModelEstimate:
     if model.source != SourceChoices.LOCAL_PATH:
-        return _unknown(model, f"estimates for {model.get_source_display()} sources are not available yet; "
-                               "resource claim unknown (0), placed by strategy")
+        return _estimate_remote(model)
     path = Path(model.local_path)
     if not path.exists() or not os.access(path, os.R_OK):
         return _unknown(model, f"the server cannot read {path}; resource claim unknown (0), placed by strategy")

@@ -77,9 +77,10 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
         for instance in instances:
             est = estimates[instance.model_id]
             if isinstance(est, EstimateError):
-                do_set_instance_state(instance, InstanceState.ERROR, from_states=[InstanceState.ANALYZING],
-                                      message=str(est))
-                outcome[instance.pk] = InstanceState.ERROR
+                state = InstanceState.PENDING if est.retry else InstanceState.ERROR
+                do_set_instance_state(instance, state, from_states=[InstanceState.ANALYZING],
+                                      message=f"{est}; asking again shortly" if est.retry else str(est))
+                outcome[instance.pk] = state
                 continue
             result = session.place(instance.model, est)
             chosen = result.candidate

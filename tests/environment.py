@@ -12,3 +12,7 @@ if os.environ.get("AIMIND_TEST_DATABASE_URL"):
     os.environ["DATABASE_URL"] = os.environ["AIMIND_TEST_DATABASE_URL"]
 else:
     os.environ.pop("DATABASE_URL", None)
+# The hub clients keep caches and tokens under these; never the user's own (and never a real HF_TOKEN).
+os.environ["HF_HOME"] = os.path.join(DATA_DIR, "hf-home")
+os.environ["MODELSCOPE_CACHE"] = os.path.join(DATA_DIR, "modelscope-cache")
+os.environ.pop("HF_TOKEN", None)

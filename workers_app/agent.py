@@ -25,7 +25,8 @@ from models_app.actions import (
 )
 from models_app.choices import InstanceState, SourceChoices
 from models_app.models import ModelInstance
-from workers_app import inventory, logs, processes
+from models_app.sources import SourceError
+from workers_app import downloads, inventory, logs, processes
 from workers_app.backends.base import BackendError, LaunchSpec, get_backend
 from workers_app.processes import BackendProcess
 
@@ -141,26 +142,55 @@ class NodeAgent:
             instance = ModelInstance.objects.select_related("model", "worker").filter(pk=instance_id).first()
             if instance is None or instance.worker is None or instance.worker.name != self.name:
                 return
+            if instance.model.source != SourceChoices.LOCAL_PATH:
+                if do_set_instance_state(instance, InstanceState.DOWNLOADING, from_states=[InstanceState.SCHEDULED],
+                                         message="downloading the model files", download_progress=0):
+                    threading.Thread(target=self._download_then_start, args=(instance,), daemon=True,
+                                     name=f"download-{instance.pk}").start()
+                return
             if not do_set_instance_state(instance, InstanceState.STARTING, from_states=[InstanceState.SCHEDULED],
                                          message="starting the backend"):
                 return
-            try:
-                proc = self._start_backend(instance)
-            except BackendError as exc:
-                do_fail_instance(instance, str(exc), from_states=[InstanceState.STARTING])
-                return
-            self.processes[instance_id] = proc
-            processes.write_pidfile(self.data_dir, proc, self.name)
+            self._start_and_record(instance)
+
+    def _download_then_start(self, instance: ModelInstance) -> None:
+        def progress(percent: float) -> None:
+            ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.DOWNLOADING).update(
+                download_progress=round(percent, 1))
+
+        try:
+            path = downloads.download(instance.model, progress)
+            with self.lock:
+                if not self.stopping.is_set() and do_set_instance_state(
+                        instance, InstanceState.STARTING, from_states=[InstanceState.DOWNLOADING],
+                        message="starting the backend", download_progress=100, resolved_path=str(path)):
+                    self._start_and_record(instance)
+        except (SourceError, OSError) as exc:  # the hub's reason; retried with backoff like any error
+            do_fail_instance(instance, f"download failed: {exc}", from_states=[InstanceState.DOWNLOADING])
+        except Exception as exc:  # never leave an instance `downloading` for ever
+            logger.exception("instance %s: download failed", instance.name)
+            do_fail_instance(instance, f"download failed: {type(exc).__name__}: {exc}",
+                             from_states=[InstanceState.DOWNLOADING])
+        finally:
+            close_old_connections()  # this thread's own connection
+
+    def _start_and_record(self, instance: ModelInstance) -> None:
+        """With the lock held and the instance `starting`: run its backend and remember the process."""
+        try:
+            proc = self._start_backend(instance)
+        except BackendError as exc:
+            do_fail_instance(instance, str(exc), from_states=[InstanceState.STARTING])
+            return
+        self.processes[instance.pk] = proc
+        processes.write_pidfile(self.data_dir, proc, self.name)
         # Deleted meanwhile? The supervisor ends processes whose instance is gone.
-        ModelInstance.objects.filter(pk=instance_id, state=InstanceState.STARTING).update(pid=proc.pid, port=proc.port)
+        ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.STARTING).update(pid=proc.pid, port=proc.port)
 
     def _start_backend(self, instance: ModelInstance) -> BackendProcess:
         model = instance.model
         backend = get_backend(model.backend or "llama-box")
-        if model.source != SourceChoices.LOCAL_PATH:
-            raise BackendError(f"{model.get_source_display()} downloads are not available yet", permanent=True)
         backend.ensure_installed(model.backend_version)
-        path = backend.resolve_model_path(Path(model.local_path))
+        path = backend.resolve_model_path(Path(instance.resolved_path or model.local_path))
         taken = {p.port for p in self.processes.values()}
         port = processes.free_port(self.ip, *settings.BACKEND_PORT_RANGE, taken)
         spec = LaunchSpec(model_name=model.name, model_path=path, host=self.ip, port=port,

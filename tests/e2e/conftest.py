@@ -1,6 +1,10 @@
+import os
+from pathlib import Path
+
 import pytest
 
 from tests.e2e.system import start_system
+from tests.fixtures.hubs import start_huggingface, start_modelscope
 from tests.fixtures.tiny_gguf import write_tiny_llama
 
 
@@ -20,8 +24,30 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def system(tmp_path_factory):
+def hubs():
+    """Stand-in Hugging Face and ModelScope hubs the system's clients talk to (HF_ENDPOINT, MODELSCOPE_ENDPOINT)."""
+    started = {"huggingface": start_huggingface(), "modelscope": start_modelscope()}
+    yield started
+    for hub in started.values():
+        hub.stop()
+
+
+def fresh_cache(tmp: Path) -> Path:
+    """A model cache of its own (downloads start from nothing) that still finds the llama.cpp build made at set-up."""
+    real = Path(os.environ.get("AIMIND_CACHE_DIR") or Path.home() / ".cache" / "aimind").expanduser()
+    cache = tmp / "cache"
+    cache.mkdir()
+    (cache / "backends").symlink_to(real / "backends", target_is_directory=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory, hubs):
     """One running aiMindServe shared by the end-to-end tests (starting one costs seconds)."""
-    running = start_system(tmp_path_factory.mktemp("system"))
+    tmp = tmp_path_factory.mktemp("system")
+    running = start_system(tmp, extra_env={
+        "AIMIND_CACHE_DIR": str(fresh_cache(tmp)), "HF_ENDPOINT": hubs["huggingface"].url,
+        "MODELSCOPE_ENDPOINT": hubs["modelscope"].url, "HF_HOME": str(tmp / "hf-home"),
+        "MODELSCOPE_CACHE": str(tmp / "modelscope-cache"), "HF_TOKEN": ""})
     yield running
     running.stop()
