@@ -90,7 +90,10 @@ class ModelInstanceAdmin(admin.ModelAdmin):
 
     @admin.display(description="state", ordering="state")
     def state_label(self, obj):
-        return state_badge(obj.state, obj.get_state_display())
+        label = obj.get_state_display()
+        if obj.state == InstanceState.DOWNLOADING:
+            label = f"{label} {obj.download_progress:.0f}%"
+        return state_badge(obj.state, label)
 
     @admin.display(description="outdated", boolean=True)
     def is_outdated(self, obj):

@@ -40,6 +40,12 @@ def test_dashboard_lists_models_instances_and_workers(browser):
     assert "tiny" in page and "gpu-1" in page and "Error" in page
 
 
+def test_instance_lists_show_download_progress(browser):
+    ModelInstance.objects.update(state="downloading", download_progress=42.4, state_message="downloading")
+    for path in ("/admin/models_app/modelinstance/", "/"):
+        assert "Downloading 42%" in browser.get(path).content.decode(), path
+
+
 def test_pages_need_a_login():
     assert Client().get("/").status_code == 302
 
