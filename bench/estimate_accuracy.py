@@ -47,7 +47,7 @@ from scheduler_app.estimators.gguf import (  # noqa: E402
 )
 from scheduler_app.estimators.gguf_reader import read_gguf_header  # noqa: E402
 from tests.fixtures.sparse_gguf import _vocab  # noqa: E402
-from tests.fixtures.tiny_gguf import CHATML_TEMPLATE, _tensor_name  # noqa: E402
+from tests.fixtures.tiny_gguf import _tensor_name, add_chatml_tokenizer_tail, add_llama_hparams  # noqa: E402
 
 MIB = 1024**2
 DEFAULT_CTX = 8192
@@ -95,27 +95,13 @@ def write_random_llama(path: pathlib.Path, shape: Shape, seed: int = 0) -> pathl
     file_type = gguf.LlamaFileType.MOSTLY_F16 if shape.dtype == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_context_length(shape.context_length)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(shape.n_vocab)
+    add_llama_hparams(w, context_length=shape.context_length, n_embd=shape.n_embd, n_layer=shape.n_layer,
+                      n_ff=shape.n_ff, n_head=shape.n_head, n_head_kv=shape.n_head_kv, n_vocab=shape.n_vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
     w.add_token_types(token_types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(eot)
-    w.add_eos_token_id(im_end)
-    w.add_pad_token_id(eot)
-    w.add_add_bos_token(False)
-    w.add_add_eos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
+    add_chatml_tokenizer_tail(w, merges, eot, im_end)
 
     T = gguf.MODEL_TENSOR
     n_kv = head_dim * shape.n_head_kv

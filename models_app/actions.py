@@ -187,11 +187,13 @@ def do_move_off_lost_worker(worker_name: str, instance_ids: list[int]) -> int:
         running_since=None, updated_at=timezone.now(),
         state_message=f"worker {worker_name} stopped answering; placing the instance elsewhere")
     if moved:
-        _after_commit_schedule_pending()
+        schedule_pending_after_commit()
     return moved
 
 
-def _after_commit_schedule_pending() -> None:
+def schedule_pending_after_commit() -> None:
+    """Once this transaction commits, give every pending instance another try (resources may have appeared)."""
+
     def send() -> None:
         from scheduler_app.tasks import schedule_pending_instances
 

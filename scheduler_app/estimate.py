@@ -14,6 +14,8 @@ from pathlib import Path
 
 from models_app.choices import BackendChoices, CategoryChoices, SourceChoices
 from models_app.models import Model
+from models_app.sources import RangeFile, SourceError, get_source, hub_spec, model_ggufs
+from models_app.sources.grouping import is_mmproj
 from scheduler_app.estimators import hf
 from scheduler_app.estimators.gguf import GGUFModelInfo, LlamaBoxClaim, estimate, model_info, parse_backend_parameters
 from scheduler_app.estimators.gguf_reader import GGUFFormatError, read_gguf_header, split_gguf_parts
@@ -86,7 +88,7 @@ def gguf_files_under(path: Path) -> list[Path]:
     """The GGUF file(s) a local path names: the file itself, or the model in a directory (no mmproj)."""
     if path.is_file():
         return split_gguf_parts(path)
-    candidates = sorted(p for p in path.glob("*.gguf") if "mmproj" not in p.name.lower())
+    candidates = sorted(p for p in path.glob("*.gguf") if not is_mmproj(p.name))
     if not candidates:
         return []
     return split_gguf_parts(candidates[0])
@@ -133,15 +135,13 @@ def read_header(path: Path):
 
 @lru_cache(maxsize=64)
 def _remote_gguf_info(hub: str, repo: str, pattern: str, endpoint: str) -> GGUFModelInfo:
-    """Headers over HTTP range requests: a few MB of an 8B file, not the file."""
-    from models_app.sources import RangeFile, get_source
-
+    """Headers over HTTP range requests: a few MB of an 8B file, not the file. (`endpoint`: part of the key.)"""
     source = get_source(hub)
-    parts = [f for f in source.resolve(repo, pattern) if f.path.endswith(".gguf") and "mmproj" not in f.path.lower()]
+    parts = model_ggufs(source.resolve(repo, pattern))
     if not parts:
         raise EstimateError(f"no GGUF file in {repo} matches {pattern!r}")
     headers = []
-    for part in sorted(parts, key=lambda f: f.path):
+    for part in parts:
         with RangeFile(source.file_url(repo, part.path)) as remote:
             headers.append(read_gguf_header(remote))
     return model_info(headers)
@@ -149,8 +149,6 @@ def _remote_gguf_info(hub: str, repo: str, pattern: str, endpoint: str) -> GGUFM
 
 @lru_cache(maxsize=64)
 def _remote_hf_info(hub: str, repo: str, endpoint: str) -> hf.HFModelInfo:
-    from models_app.sources import RangeFile, get_source
-
     source = get_source(hub)
     sizes = {f.path: f.size for f in source.list_files(repo)}
     if "config.json" not in sizes:
@@ -160,26 +158,29 @@ def _remote_hf_info(hub: str, repo: str, endpoint: str) -> hf.HFModelInfo:
     return hf.info_from_config(config, hf.weight_files_size(sizes))
 
 
-def _estimate_remote(model: Model) -> ModelEstimate:
-    from models_app.sources import SourceError
-    from workers_app.downloads import hub_spec
+def _from_gguf(model: Model, info: GGUFModelInfo) -> ModelEstimate:
+    categories = list(model.categories or info.categories)
+    backend = choose_backend(model, categories, is_gguf=True)
+    return ModelEstimate(backend, categories, gguf=info, params=_params_for(model, backend))
 
+
+def _from_hf(model: Model, info: hf.HFModelInfo) -> ModelEstimate:
+    categories = list(model.categories or info.categories)
+    backend = choose_backend(model, categories, is_gguf=False)
+    return ModelEstimate(backend, categories, hf=info, params=_params_for(model, backend))
+
+
+def _estimate_remote(model: Model) -> ModelEstimate:
     hub, repo, pattern = hub_spec(model)
-    endpoint = os.environ.get("HF_ENDPOINT" if hub == "huggingface" else "MODELSCOPE_ENDPOINT", "")
+    endpoint = get_source(hub).endpoint
     try:
         if pattern:
-            info = _remote_gguf_info(hub, repo, pattern, endpoint)
-            categories = list(model.categories or info.categories)
-            backend = choose_backend(model, categories, is_gguf=True)
-            return ModelEstimate(backend, categories, gguf=info, params=_params_for(model, backend))
-        hf_info = _remote_hf_info(hub, repo, endpoint)
+            return _from_gguf(model, _remote_gguf_info(hub, repo, pattern, endpoint))
+        return _from_hf(model, _remote_hf_info(hub, repo, endpoint))
     except SourceError as exc:
         raise EstimateError(f"{model.get_source_display()}: {exc}", retry=exc.status >= 500) from exc
     except (GGUFFormatError, ValueError) as exc:
         raise EstimateError(f"cannot read the metadata of {repo}: {exc}") from exc
-    categories = list(model.categories or hf_info.categories)
-    backend = choose_backend(model, categories, is_gguf=False)
-    return ModelEstimate(backend, categories, hf=hf_info, params=_params_for(model, backend))
 
 
 def estimate_model(model: Model) -> ModelEstimate:
@@ -197,10 +198,7 @@ def estimate_model(model: Model) -> ModelEstimate:
         headers = [read_header(f) for f in files]
     except (GGUFFormatError, OSError) as exc:
         raise EstimateError(f"cannot read GGUF metadata of {files[0]}: {exc}") from exc
-    info = model_info(headers)
-    categories = list(model.categories or info.categories)
-    backend = choose_backend(model, categories, is_gguf=True)
-    return ModelEstimate(backend, categories, gguf=info, params=_params_for(model, backend))
+    return _from_gguf(model, model_info(headers))
 
 
 def _estimate_hf_dir(model: Model, path: Path) -> ModelEstimate:
@@ -208,8 +206,4 @@ def _estimate_hf_dir(model: Model, path: Path) -> ModelEstimate:
         info = hf.info_from_dir(path)
     except (OSError, ValueError) as exc:
         raise EstimateError(f"cannot read {path / 'config.json'}: {exc}") from exc
-    categories = list(model.categories or info.categories)
-    backend = choose_backend(model, categories, is_gguf=False)
-    return ModelEstimate(backend, categories, hf=info, params=_params_for(model, backend))
-
-
+    return _from_hf(model, info)

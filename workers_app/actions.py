@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
-from models_app.actions import _after_commit_schedule_pending
+from models_app.actions import schedule_pending_after_commit
 from models_app.choices import InstanceState
 from models_app.models import ModelInstance
 from workers_app.choices import WorkerState
@@ -19,7 +19,7 @@ def do_register_worker(data: dict) -> Worker:
         name=data["name"],
         defaults={**fields, "state": WorkerState.READY, "state_message": "", "last_heartbeat_at": timezone.now()},
     )
-    _after_commit_schedule_pending()
+    schedule_pending_after_commit()
     return worker
 
 
@@ -35,7 +35,7 @@ def do_heartbeat(worker: Worker, status: dict | None) -> Worker:
         update.append("status")
     worker.save(update_fields=update)
     if not was_ready:
-        _after_commit_schedule_pending()
+        schedule_pending_after_commit()
     return worker
 
 
@@ -44,7 +44,7 @@ def do_update_worker(worker: Worker, fields: dict) -> Worker:
     for name, value in fields.items():
         setattr(worker, name, value)
     worker.save()
-    _after_commit_schedule_pending()  # new labels or a smaller reservation may let pending instances fit
+    schedule_pending_after_commit()  # new labels or a smaller reservation may let pending instances fit
     return worker
 
 
@@ -56,4 +56,4 @@ def do_delete_worker(worker: Worker) -> None:
         state_message=f"worker {worker.name} was removed",
     )
     worker.delete()
-    _after_commit_schedule_pending()
+    schedule_pending_after_commit()

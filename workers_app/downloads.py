@@ -14,24 +14,14 @@ from pathlib import Path
 
 from django.conf import settings
 
-from models_app.choices import SourceChoices
 from models_app.models import Model
-from models_app.sources import FileEntry, SourceError, get_source
+from models_app.sources import FileEntry, SourceError, get_source, hub_spec, model_ggufs
 from models_app.sources.base import partial_dir
 from scheduler_app.resources import gib
 
 logger = logging.getLogger(__name__)
 PROGRESS_EVERY_SECONDS = 1.0
 MANIFEST = ".aimind-files.json"  # pattern -> the files a finished download of it fetched
-
-
-def hub_spec(model: Model) -> tuple[str, str, str]:
-    """(hub, repo, file pattern) of a hub model; an empty pattern means the whole repo (HF format)."""
-    if model.source == SourceChoices.HUGGINGFACE:
-        return "huggingface", model.huggingface_repo_id, model.huggingface_filename
-    if model.source == SourceChoices.MODELSCOPE:
-        return "modelscope", model.model_scope_model_id, model.model_scope_file_path
-    raise ValueError(f"{model.source} is not a hub source")
 
 
 def repo_cache_dir(hub: str, repo: str) -> Path:
@@ -128,5 +118,5 @@ def download(model: Model, on_progress: Callable[[float], None]) -> Path:
             reporter.join()
         _remember(target, pattern, files)
     on_progress(100.0)
-    gguf = [f for f in files if f.path.endswith(".gguf") and "mmproj" not in f.path.lower()]
+    gguf = model_ggufs(files)
     return target / gguf[0].path if gguf else target

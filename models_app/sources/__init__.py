@@ -4,12 +4,13 @@ HF_ENDPOINT (default https://huggingface.co), MODELSCOPE_ENDPOINT (default https
 
 from __future__ import annotations
 
+from models_app.choices import SourceChoices
 from models_app.sources.base import FileEntry, Source, SourceError
-from models_app.sources.grouping import group_files, match_files, parse_quantization, split_info
+from models_app.sources.grouping import group_files, match_files, model_ggufs, parse_quantization, split_info
 from models_app.sources.rangefile import RangeFile
 
-__all__ = ["HUBS", "FileEntry", "RangeFile", "Source", "SourceError", "get_source", "group_files", "match_files",
-           "parse_quantization", "split_info"]
+__all__ = ["HUBS", "FileEntry", "RangeFile", "Source", "SourceError", "get_source", "group_files", "hub_spec",
+           "match_files", "model_ggufs", "parse_quantization", "split_info"]
 
 HUBS = ("huggingface", "modelscope")
 
@@ -25,3 +26,12 @@ def get_source(hub: str) -> Source:
 
         return ModelScopeSource()
     raise ValueError(f"unknown hub {hub!r} (one of {', '.join(HUBS)})")
+
+
+def hub_spec(model) -> tuple[str, str, str]:
+    """(hub, repo, file pattern) of a model from a hub; an empty pattern means the whole repo (HF format)."""
+    if model.source == SourceChoices.HUGGINGFACE:
+        return "huggingface", model.huggingface_repo_id, model.huggingface_filename
+    if model.source == SourceChoices.MODELSCOPE:
+        return "modelscope", model.model_scope_model_id, model.model_scope_file_path
+    raise ValueError(f"{model.source} is not a hub source")

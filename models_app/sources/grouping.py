@@ -25,6 +25,12 @@ def is_mmproj(path: str) -> bool:
     return "mmproj" in posixpath.basename(path).lower()
 
 
+def model_ggufs(files: list[FileEntry]) -> list[FileEntry]:
+    """The model's own GGUF files (every part of a split set; no multimodal projector), by path."""
+    return sorted((f for f in files if f.path.lower().endswith(".gguf") and not is_mmproj(f.path)),
+                  key=lambda f: f.path)
+
+
 def _normalise(token: str) -> str:
     token = token.upper()
     return {"FP16": "F16", "FP32": "F32"}.get(token, token)
