@@ -23,7 +23,7 @@ $(STAMP): requirements.txt
 	sha256sum requirements.txt > $(STAMP)
 
 backend: venv
-	$(PY) -m workers_app.backends.llama_box_install
+	$(PY) manage.py install_backend llama-box
 
 migrate: venv
 	$(PY) manage.py migrate --noinput --verbosity 0

@@ -2,6 +2,8 @@
 
 from django.db import models
 
+from workers_app.backends import all_backends
+
 
 class SourceChoices(models.TextChoices):
     HUGGINGFACE = "huggingface", "Hugging Face"
@@ -23,10 +25,16 @@ class PlacementStrategyChoices(models.TextChoices):
     BINPACK = "binpack", "Binpack"
 
 
-class BackendChoices(models.TextChoices):
-    LLAMA_BOX = "llama-box", "llama-box (llama.cpp)"
-    VLLM = "vllm", "vLLM"
-    VOX_BOX = "vox-box", "vox-box"
+# From the backends registry: adding a backend module adds its choice (LLAMA_BOX, VLLM, VOX_BOX …).
+BackendChoices = models.TextChoices(
+    "BackendChoices", [(b.name.upper().replace("-", "_"), (b.name, b.label)) for b in all_backends()])
+
+
+class ErrorKind(models.TextChoices):
+    """Why an instance is in error: what a restart cannot fix, or what it may."""
+
+    PERMANENT = "permanent", "Permanent: not restarted until the model is edited or the instance deleted"
+    TRANSIENT = "transient", "Transient: restarted with backoff"
 
 
 class InstanceState(models.TextChoices):

@@ -7,10 +7,11 @@ from rest_framework import serializers
 
 from models_app.choices import CategoryChoices, SourceChoices
 from models_app.models import Model, ModelInstance
-from scheduler_app.estimators.gguf import BackendParameterError, parse_backend_parameters
-from workers_app.backends.params import validate_parameters
+from models_app.sources.local import looks_gguf
+from workers_app import backends
+from workers_app.backends.base import version_problem
+from workers_app.backends.versions import missing_version
 
-RESERVED_BACKEND_FLAGS = frozenset({"--host", "--port", "-m", "--model", "--alias", "-a"})
 GGUF_MAGIC = b"GGUF"
 
 _REQUIRED_BY_SOURCE = {
@@ -69,17 +70,6 @@ class ModelSerializer(serializers.ModelSerializer):
                 raise serializers.ValidationError(f"{gpu_id!r} is not of the form <worker name>:<gpu index>")
         return {"gpu_ids": [str(i) for i in ids]}
 
-    def validate_backend_parameters(self, value):
-        problems = validate_parameters(value, RESERVED_BACKEND_FLAGS)
-        if not problems:
-            try:
-                parse_backend_parameters(value)
-            except BackendParameterError as exc:
-                problems = [str(exc)]
-        if problems:
-            raise serializers.ValidationError(problems)
-        return value
-
     def validate(self, attrs):
         merged = {f: getattr(self.instance, f) for f in self.Meta.fields if self.instance is not None
                   and hasattr(self.instance, f)}
@@ -93,9 +83,29 @@ class ModelSerializer(serializers.ModelSerializer):
             problem = _check_visible_local_path(Path(merged["local_path"]))
             if problem:
                 errors["local_path"] = [problem]
+        errors.update(_backend_problems(merged, attrs))
         if errors:
             raise serializers.ValidationError(errors)
         return attrs
+
+
+def _backend_problems(merged: dict, attrs: dict) -> dict[str, list[str]]:
+    """The backend's own rules (its reserved flags, parameter syntax, reserved env), from the registry; and a
+    version the package index does not list. With the backend left empty, every backend it could become."""
+    checked = backends.backends_checked_for(merged.get("backend") or "", looks_gguf(merged))
+    errors: dict[str, list[str]] = {}
+    params, env = merged.get("backend_parameters") or [], merged.get("env") or {}
+    for field, problems in (("backend_parameters", [p for b in checked for p in b.check_parameters(params)]),
+                            ("env", [p for b in checked for p in b.check_env(env)])):
+        if problems:
+            errors[field] = list(dict.fromkeys(problems))
+    version = merged.get("backend_version") or ""
+    problem = version_problem(version)
+    if not problem and merged.get("backend") and version and {"backend", "backend_version"} & set(attrs):
+        problem = missing_version(checked[0], version)  # with the backend left empty, the worker finds out
+    if problem:
+        errors["backend_version"] = [problem]
+    return errors
 
 
 class ModelInstanceSerializer(serializers.ModelSerializer):
@@ -108,7 +118,8 @@ class ModelInstanceSerializer(serializers.ModelSerializer):
         model = ModelInstance
         fields = [
             "id", "name", "model", "model_name", "worker", "worker_name", "gpu_indexes", "port", "pid", "state",
-            "state_message", "download_progress", "restart_count", "last_restart_at", "next_restart_at",
+            "state_message", "error_kind", "backend", "backend_version", "download_progress", "restart_count",
+            "last_restart_at", "next_restart_at",
             "computed_resource_claim", "distributed_servers", "config_version", "outdated", "running_since",
             "created_at", "updated_at",
         ]

@@ -1,7 +1,8 @@
 """What a model needs, from its metadata, before anything is placed or downloaded.
 
-Also where the backend is chosen when the user left it empty: GGUF → llama-box, speech → vox-box,
-other Hugging Face-format models → vLLM.
+Also where the backend is chosen when the user left it empty, from the backends registry: the first backend that
+serves the model's format and is meant for its categories (GGUF → llama-box, speech → vox-box, other Hugging
+Face-format models → vLLM).
 """
 
 from __future__ import annotations
@@ -12,17 +13,17 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from models_app.choices import BackendChoices, CategoryChoices, SourceChoices
+from models_app.choices import CategoryChoices, SourceChoices
 from models_app.models import Model
 from models_app.sources import RangeFile, SourceError, get_source, hub_spec, model_ggufs
-from models_app.sources.grouping import is_mmproj
+from models_app.sources.local import gguf_files_under, looks_gguf, model_format
 from scheduler_app.estimators import hf
-from scheduler_app.estimators.gguf import GGUFModelInfo, LlamaBoxClaim, estimate, model_info, parse_backend_parameters
-from scheduler_app.estimators.gguf_reader import GGUFFormatError, read_gguf_header, split_gguf_parts
+from scheduler_app.estimators.gguf import GGUFModelInfo, LlamaBoxClaim, estimate, model_info
+from scheduler_app.estimators.gguf_reader import GGUFFormatError, read_gguf_header
 from scheduler_app.estimators.vox_box import VoxBoxClaim, vox_box_claim
+from workers_app import backends
 
 DEFAULT_CTX_SIZE = 8192
-SPEECH = {CategoryChoices.SPEECH_TO_TEXT, CategoryChoices.TEXT_TO_SPEECH}
 
 
 @dataclass
@@ -84,41 +85,25 @@ class EstimateError(Exception):
         self.retry = retry
 
 
-def gguf_files_under(path: Path) -> list[Path]:
-    """The GGUF file(s) a local path names: the file itself, or the model in a directory (no mmproj)."""
-    if path.is_file():
-        return split_gguf_parts(path)
-    candidates = sorted(p for p in path.glob("*.gguf") if not is_mmproj(p.name))
-    if not candidates:
-        return []
-    return split_gguf_parts(candidates[0])
-
-
-def choose_backend(model: Model, categories: list[str], is_gguf: bool) -> str:
+def choose_backend(model: Model, fmt: str, categories: list[str]) -> str:
     if model.backend:
         return model.backend
-    if is_gguf:
-        return BackendChoices.LLAMA_BOX
-    if SPEECH & set(categories):
-        return BackendChoices.VOX_BOX
-    return BackendChoices.VLLM
+    try:
+        return backends.choose_backend(fmt, categories)
+    except backends.BackendError as exc:
+        raise EstimateError(str(exc)) from exc
 
 
 def _params_for(model: Model, backend: str) -> dict:
-    params = list(model.backend_parameters or [])
-    if backend == BackendChoices.VLLM:
-        try:
-            return hf.parse_vllm_parameters(params)
-        except ValueError as exc:
-            raise EstimateError(str(exc)) from exc
-    return parse_backend_parameters(params)
+    try:
+        return backends.get_backend(backend).parse_parameters(list(model.backend_parameters or []))
+    except (ValueError, backends.BackendError) as exc:
+        raise EstimateError(f"backend_parameters: {exc}") from exc
 
 
 def _unknown(model: Model, note: str) -> ModelEstimate:
-    looks_gguf = model.source == SourceChoices.LOCAL_PATH and model.local_path.endswith(".gguf") or \
-        model.huggingface_filename.endswith(".gguf") or model.model_scope_file_path.endswith(".gguf")
     categories = list(model.categories or [CategoryChoices.LLM])
-    backend = choose_backend(model, categories, looks_gguf)
+    backend = choose_backend(model, "gguf" if looks_gguf(model) else "hf", categories)
     return ModelEstimate(backend, categories, params=_params_for(model, backend), note=note)
 
 
@@ -160,13 +145,13 @@ def _remote_hf_info(hub: str, repo: str, endpoint: str) -> hf.HFModelInfo:
 
 def _from_gguf(model: Model, info: GGUFModelInfo) -> ModelEstimate:
     categories = list(model.categories or info.categories)
-    backend = choose_backend(model, categories, is_gguf=True)
+    backend = choose_backend(model, "gguf", categories)
     return ModelEstimate(backend, categories, gguf=info, params=_params_for(model, backend))
 
 
-def _from_hf(model: Model, info: hf.HFModelInfo) -> ModelEstimate:
+def _from_hf(model: Model, info: hf.HFModelInfo, fmt: str = "hf") -> ModelEstimate:
     categories = list(model.categories or info.categories)
-    backend = choose_backend(model, categories, is_gguf=False)
+    backend = choose_backend(model, fmt, categories)
     return ModelEstimate(backend, categories, hf=info, params=_params_for(model, backend))
 
 
@@ -189,8 +174,9 @@ def estimate_model(model: Model) -> ModelEstimate:
     path = Path(model.local_path)
     if not path.exists() or not os.access(path, os.R_OK):
         return _unknown(model, f"the server cannot read {path}; resource claim unknown (0), placed by strategy")
-    if path.is_dir() and (path / "config.json").is_file() and not any(path.glob("*.gguf")):
-        return _estimate_hf_dir(model, path)
+    fmt = model_format(path)
+    if fmt in ("hf", "faster-whisper"):
+        return _estimate_hf_dir(model, path, fmt)
     files = gguf_files_under(path)
     if not files:
         raise EstimateError(f"no .gguf file or config.json found at {path}")
@@ -201,9 +187,9 @@ def estimate_model(model: Model) -> ModelEstimate:
     return _from_gguf(model, model_info(headers))
 
 
-def _estimate_hf_dir(model: Model, path: Path) -> ModelEstimate:
+def _estimate_hf_dir(model: Model, path: Path, fmt: str) -> ModelEstimate:
     try:
         info = hf.info_from_dir(path)
     except (OSError, ValueError) as exc:
         raise EstimateError(f"cannot read {path / 'config.json'}: {exc}") from exc
-    return _from_hf(model, info)
+    return _from_hf(model, info, fmt)

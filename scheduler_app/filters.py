@@ -21,7 +21,18 @@ def parse_gpu_ids(model: Model) -> dict[str, list[int]]:
     return wanted
 
 
-def filter_workers(model: Model, workers: list[Worker], reasons: Reasons) -> list[Worker]:
+def cannot_run(worker: Worker, backend: str, version: str) -> str:
+    """Why this worker cannot run that backend version ("" when it can, or when its agent does not say)."""
+    capability = (worker.status.get("backends") or {}).get(backend) if backend else None
+    if capability is None:
+        return ""
+    if capability.get("installable", True) or (version or capability.get("default_version")) in \
+            (capability.get("installed") or []):
+        return ""
+    return f"cannot run {backend}: {capability.get('reason') or 'not installable on this worker'}"
+
+
+def filter_workers(model: Model, workers: list[Worker], reasons: Reasons, backend: str = "") -> list[Worker]:
     kept = []
     manual = parse_gpu_ids(model)
     selector = {k: str(v) for k, v in (model.worker_selector or {}).items()}
@@ -35,6 +46,10 @@ def filter_workers(model: Model, workers: list[Worker], reasons: Reasons) -> lis
         mismatched = [f"{k}={v}" for k, v in selector.items() if str(worker.labels.get(k)) != v]
         if mismatched:
             reasons.add(worker.name, f"labels do not match {', '.join(mismatched)}")
+            continue
+        unable = cannot_run(worker, backend, model.backend_version)
+        if unable:
+            reasons.add(worker.name, unable)
             continue
         if manual:
             if worker.name not in manual:

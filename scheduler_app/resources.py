@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from models_app.choices import ErrorKind, InstanceState
 from models_app.models import ModelInstance
 from workers_app.models import Worker
 
@@ -49,8 +50,10 @@ class WorkerResources:
 
 
 def claims_by_worker(exclude_instance_ids: list[int] = ()) -> dict[int, list[dict]]:
-    """The claims of every placed instance, per worker (one query for the whole cluster)."""
+    """The claims of every placed instance, per worker (one query for the whole cluster). An instance stopped by a
+    permanent error holds none: it runs nothing until it is edited or deleted."""
     placed = (ModelInstance.objects.filter(worker__isnull=False).exclude(pk__in=list(exclude_instance_ids))
+              .exclude(state=InstanceState.ERROR, error_kind=ErrorKind.PERMANENT)
               .values_list("worker_id", "computed_resource_claim"))
     grouped: dict[int, list[dict]] = defaultdict(list)
     for worker_id, claim in placed:

@@ -12,12 +12,13 @@ import logging
 from django.db import transaction
 from django.utils import timezone
 
-from models_app.actions import do_set_instance_state
+from models_app.actions import do_fail_instance, do_set_instance_state
 from models_app.choices import InstanceState
 from models_app.models import Model, ModelInstance
 from scheduler_app.estimate import EstimateError, ModelEstimate, estimate_model
 from scheduler_app.resources import WorkerResources, claims_by_worker, worker_resources
 from scheduler_app.session import PlacementResult, PlacementSession
+from workers_app.backends import get_backend
 from workers_app.models import Worker
 
 logger = logging.getLogger(__name__)
@@ -77,10 +78,12 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
         for instance in instances:
             est = estimates[instance.model_id]
             if isinstance(est, EstimateError):
-                state = InstanceState.PENDING if est.retry else InstanceState.ERROR
-                do_set_instance_state(instance, state, from_states=[InstanceState.ANALYZING],
-                                      message=f"{est}; asking again shortly" if est.retry else str(est))
-                outcome[instance.pk] = state
+                if est.retry:
+                    do_set_instance_state(instance, InstanceState.PENDING, from_states=[InstanceState.ANALYZING],
+                                          message=f"{est}; asking again shortly")
+                else:
+                    do_fail_instance(instance, str(est), from_states=[InstanceState.ANALYZING], permanent=True)
+                outcome[instance.pk] = InstanceState.PENDING if est.retry else InstanceState.ERROR
                 continue
             result = session.place(instance.model, est)
             chosen = result.candidate
@@ -92,7 +95,9 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
             if do_set_instance_state(instance, InstanceState.SCHEDULED, from_states=[InstanceState.ANALYZING],
                                      message=result.message, worker=chosen.resources.worker,
                                      gpu_indexes=chosen.gpu_indexes, computed_resource_claim=chosen.claim,
-                                     distributed_servers=[]):
+                                     distributed_servers=[], backend=est.backend,
+                                     backend_version=instance.model.backend_version
+                                     or get_backend(est.backend).default_version):
                 session.book(chosen)
                 launches.append((instance.pk, chosen.resources.worker.queue))
                 outcome[instance.pk] = InstanceState.SCHEDULED

@@ -61,7 +61,7 @@ class PlacementSession:
         state = self.states.get(key) if key is not None else None
         if state is None:
             reasons = Reasons()
-            kept = [self.pool[w.id] for w in filter_workers(model, self.workers, reasons)]
+            kept = [self.pool[w.id] for w in filter_workers(model, self.workers, reasons, est.backend)]
             state = _ModelState(model, est, kept, reasons)
             if key is not None:
                 self.states[key] = state

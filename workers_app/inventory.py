@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import platform
 import socket
 from urllib.parse import urlsplit
 
 import psutil
+
+from workers_app.backends.base import NodeInfo
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,11 @@ def nvidia_gpus() -> list[dict]:
                 utilization = 0
             name = pynvml.nvmlDeviceGetName(handle)
             uuid = pynvml.nvmlDeviceGetUUID(handle)
+            try:
+                major, minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
+                capability = f"{major}.{minor}"
+            except pynvml.NVMLError:
+                capability = ""
             gpus.append({
                 "index": index,
                 "name": name.decode() if isinstance(name, bytes) else name,
@@ -39,6 +47,7 @@ def nvidia_gpus() -> list[dict]:
                 "uuid": uuid.decode() if isinstance(uuid, bytes) else uuid,
                 "memory": {"total": int(memory.total), "used": int(memory.used)},
                 "core": {"utilization": int(utilization)},
+                "compute_capability": capability,
             })
         return gpus
     except pynvml.NVMLError as exc:
@@ -51,12 +60,29 @@ def nvidia_gpus() -> list[dict]:
             pass
 
 
+def node_info(gpus: list[dict] | None = None) -> NodeInfo:
+    from workers_app.backends.llama_box_install import cuda_compiler
+
+    gpus = nvidia_gpus() if gpus is None else gpus
+    return NodeInfo(gpus=tuple(gpus), machine=platform.machine(), system=platform.system(),
+                    cuda_compiler=cuda_compiler() if gpus else "")
+
+
+def backend_capabilities(node: NodeInfo) -> dict[str, dict]:
+    """Per backend: the build this node needs, whether it can install it (and why not), the versions it has."""
+    from workers_app.backends import all_backends
+
+    return {backend.name: backend.capability(node) for backend in all_backends()}
+
+
 def system_status() -> dict:
     memory = psutil.virtual_memory()
+    gpus = nvidia_gpus()
     return {
         "cpu": {"total": psutil.cpu_count(logical=True) or 1},
         "memory": {"total": int(memory.total), "used": int(memory.total - memory.available)},
-        "gpus": nvidia_gpus(),
+        "gpus": gpus,
+        "backends": backend_capabilities(node_info(gpus)),
     }
 
 

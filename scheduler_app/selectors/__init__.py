@@ -1,25 +1,28 @@
-"""Candidate selectors per backend, tried in order; the first that yields candidates wins."""
+"""Candidate selectors per backend, tried in order; the first that yields candidates wins. Each backend module
+names its pipeline (`Backend.selectors`), so a new backend brings its own."""
 
 from __future__ import annotations
 
-from models_app.choices import BackendChoices
+from functools import cache
+
+from django.utils.module_loading import import_string
+
 from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.resources import WorkerResources
-from scheduler_app.selectors import llama_box, vllm, vox_box
 from scheduler_app.selectors.common import Candidate, Reasons, Selector
+from workers_app.backends import get_backend
 
-PIPELINES: dict[str, list[Selector]] = {
-    BackendChoices.LLAMA_BOX: llama_box.SELECTORS,
-    BackendChoices.VLLM: vllm.SELECTORS,
-    BackendChoices.VOX_BOX: vox_box.SELECTORS,
-}
+
+@cache
+def pipeline(backend: str) -> list[Selector]:
+    return list(import_string(get_backend(backend).selectors))
 
 
 def select_candidates(model: Model, est: ModelEstimate, pool: list[WorkerResources],
                       reasons: Reasons) -> tuple[Selector | None, list[Candidate]]:
     """The first selector that yields candidates, and its candidates."""
-    for selector in PIPELINES.get(est.backend, llama_box.SELECTORS):
+    for selector in pipeline(est.backend):
         found = selector(model, est, pool, reasons)
         if found:
             return selector, found
@@ -31,4 +34,4 @@ def is_per_worker(selector: Selector | None) -> bool:
     return getattr(selector, "per_worker", False)
 
 
-__all__ = ["Candidate", "Reasons", "Selector", "is_per_worker", "select_candidates"]
+__all__ = ["Candidate", "Reasons", "Selector", "is_per_worker", "pipeline", "select_candidates"]

@@ -74,10 +74,14 @@ def per_worker(selector: Selector) -> Selector:
 
 
 def make_claim(*, ram: int, vram: dict[int, int], offload_layers: int = 0, total_layers: int = 0,
-               tensor_split: list[float] | None = None, **extra) -> dict:
-    """The claim as stored and shown (SPEC §3): integer bytes, `vram` keyed by the GPU index as a string."""
-    return {"ram": int(ram), "vram": {str(i): int(v) for i, v in sorted(vram.items())},
-            "offload_layers": offload_layers, "total_layers": total_layers, "tensor_split": tensor_split, **extra}
+               tensor_split: list[float] | None = None, unknown: bool = False, **extra) -> dict:
+    """The claim as stored and shown (SPEC §3): integer bytes, `vram` keyed by the GPU index as a string.
+    `unknown`: the server could not read the model's metadata, so the numbers are not an estimate."""
+    claim = {"ram": int(ram), "vram": {str(i): int(v) for i, v in sorted(vram.items())},
+             "offload_layers": offload_layers, "total_layers": total_layers, "tensor_split": tensor_split, **extra}
+    if unknown:
+        claim["unknown"] = True
+    return claim
 
 
 def llama_box_candidate(res: WorkerResources, gpu_indexes: list[int], claim, est: ModelEstimate) -> Candidate:
@@ -88,7 +92,8 @@ def llama_box_claim(claim, gpu_indexes: list[int], est: ModelEstimate) -> dict:
     """A llama-box claim, mapped from GPU positions to real indexes, with the context size the worker must use."""
     return make_claim(ram=claim.ram, vram={gpu_indexes[pos]: v for pos, v in claim.vram.items()},
                       offload_layers=claim.offload_layers, total_layers=claim.total_layers,
-                      tensor_split=claim.tensor_split, ctx_size=est.ctx_size if est.known else None)
+                      tensor_split=claim.tensor_split, ctx_size=est.ctx_size if est.known else None,
+                      unknown=not est.known)
 
 
 def manual_gpus(model: Model, res: WorkerResources) -> list[int] | None:

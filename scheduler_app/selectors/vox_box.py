@@ -17,7 +17,8 @@ def one_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reaso
     for res in pool:
         gpus = allowed_gpus(model, res)
         fitting = [i for i in gpus if need <= res.gpu_free[i]]
-        found += [Candidate(res, [i], partial(make_claim, ram=0, vram={i: need})) for i in fitting]
+        found += [Candidate(res, [i], partial(make_claim, ram=0, vram={i: need}, unknown=not est.known))
+                  for i in fitting]
         if gpus and not fitting:
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "
                                          f"{gib(max(res.gpu_free[i] for i in gpus))}")
@@ -32,7 +33,7 @@ def cpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: 
         if manual_gpus(model, res) is not None:
             continue
         if need <= res.ram_free:
-            found.append(Candidate(res, [], partial(make_claim, ram=need, vram={})))
+            found.append(Candidate(res, [], partial(make_claim, ram=need, vram={}, unknown=not est.known)))
         else:
             reasons.add(res.worker.name, f"needs {gib(need)} RAM on CPU, has {gib(res.ram_free)} free")
     return found

@@ -25,8 +25,12 @@ def register(db):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Bearer test-cluster-token")
 
-    def register(name: str, vram_gib: list[float] = (), ram_gib: float = 64, labels=None, system_reserved=None):
-        body = {"name": name, "ip": "10.0.0.9", "labels": labels or {}, "status": gpu_status(list(vram_gib), ram_gib)}
+    def register(name: str, vram_gib: list[float] = (), ram_gib: float = 64, labels=None, system_reserved=None,
+                 backends=None):
+        status = gpu_status(list(vram_gib), ram_gib)
+        if backends is not None:
+            status["backends"] = backends
+        body = {"name": name, "ip": "10.0.0.9", "labels": labels or {}, "status": status}
         if system_reserved:
             body["system_reserved"] = system_reserved
         response = client.post("/api/v1/workers", body, format="json")

@@ -102,8 +102,18 @@ def test_unreadable_local_path_is_placed_with_an_unknown_claim():
     schedule_instance(instance.pk)
     instance.refresh_from_db()
     assert instance.state == "scheduled"
-    assert instance.computed_resource_claim["ram"] == 0
+    assert instance.computed_resource_claim["ram"] == 0 and instance.computed_resource_claim["unknown"] is True
     assert "cannot read" in instance.state_message
+
+
+def test_unreadable_local_path_on_a_gpu_worker_gets_a_gpu_and_an_unknown_claim_for_the_worker():
+    make_worker("g", status=gpu_status([24]))
+    [instance] = deploy("/only/on/worker/m.gguf")
+    schedule_instance(instance.pk)
+    instance.refresh_from_db()
+    claim = instance.computed_resource_claim
+    assert instance.gpu_indexes == [0] and claim["unknown"] is True and claim["ctx_size"] is None
+    assert (instance.backend, instance.backend_version) == ("llama-box", "0.3.36")
 
 
 def test_evaluation_answers_without_deploying(api, gguf):

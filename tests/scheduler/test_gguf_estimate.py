@@ -6,17 +6,16 @@ import gguf
 import numpy as np
 import pytest
 
+from models_app.sources.local import split_gguf_parts
 from scheduler_app.estimators.gguf import (
     PROCESS_OVERHEAD,
     UBATCH,
-    BackendParameterError,
     compute_buffer_bytes,
     estimate,
     kv_cache_bytes,
     model_info,
-    parse_backend_parameters,
 )
-from scheduler_app.estimators.gguf_reader import read_gguf_header, split_gguf_parts
+from scheduler_app.estimators.gguf_reader import read_gguf_header
 from tests.fixtures.sparse_gguf import LLAMA3_8B, write_sparse_llama
 
 GIB = 1024**3
@@ -192,20 +191,3 @@ def test_categories(tmp_path, kwargs, categories):
     info = info_of(write_random(tmp_path / "m.gguf", **kwargs))
     assert info.categories == categories
     assert info.pooling_type == (None if kwargs.get("pooling") is None else int(kwargs["pooling"]))
-
-
-def test_parse_backend_parameters():
-    params = ["--ctx-size=4096", "-ngl", "20", "--tensor-split", "3,1", "-ctk", "Q8_0", "--cache-type-v=q4_0",
-              "--parallel", "2", "--jinja", "--temp", "0.5", "-fa", "on"]
-    assert parse_backend_parameters(params) == {"ctx_size": 4096, "n_gpu_layers": 20, "tensor_split": [3.0, 1.0],
-                                                "cache_type_k": "q8_0", "cache_type_v": "q4_0", "parallel": 2}
-    assert parse_backend_parameters(["-c 4096"]) == {}  # one item with a space is not a flag llama-server knows
-    assert parse_backend_parameters(["-c", "4096", "-np=8", "-ctv", "f16"]) == {"ctx_size": 4096, "parallel": 8,
-                                                                               "cache_type_v": "f16"}
-    assert parse_backend_parameters(["--n-gpu-layers=0", "-ts", "1/1/2"]) == {"n_gpu_layers": 0,
-                                                                             "tensor_split": [1.0, 1.0, 2.0]}
-    assert parse_backend_parameters([]) == {}
-    with pytest.raises(BackendParameterError, match="needs a value"):
-        parse_backend_parameters(["--ctx-size"])
-    with pytest.raises(BackendParameterError, match="integer"):
-        parse_backend_parameters(["-c", "big"])

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from gguf.quants import quantize
 
+from models_app.sources.local import split_gguf_parts
 from scheduler_app.estimators.gguf_reader import (
     SMALL_ARRAY,
     ArrayInfo,
     GGUFFormatError,
     read_gguf_header,
-    split_gguf_parts,
 )
 from tests.fixtures.sparse_gguf import LLAMA3_8B, write_sparse_llama
 

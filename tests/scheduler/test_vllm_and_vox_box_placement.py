@@ -1,4 +1,5 @@
-"""Hugging Face-format models go to vLLM on GPUs (its memory share is the claim); speech models to vox-box."""
+"""Hugging Face-format models go to vLLM: on GPUs its memory share is the claim, on CPU-only workers RAM for the
+runtime, weights and KV cache; speech models go to vox-box; a worker that cannot run the backend is skipped."""
 
 import json
 import os
@@ -53,11 +54,51 @@ def test_vllm_gpu_memory_utilization_parameter_is_the_claim(tmp_path, register, 
     assert int(instance.computed_resource_claim["vram"]["0"]) == gib(40)
 
 
-def test_vllm_never_falls_back_to_cpu(tmp_path, register, deploy):
-    register("cpu", ram_gib=512)
+def test_vllm_runs_on_a_cpu_only_worker_claiming_ram(tmp_path, register, deploy):
+    register("cpu", ram_gib=64)
+    [instance] = deploy(hf_dir(tmp_path, "m", 15))
+    claim = instance.computed_resource_claim
+    assert instance.state == "scheduled" and instance.gpu_indexes == [] and claim["vram"] == {}
+    assert claim["max_model_len"] == 8192
+    kv = 2 * 32 * 8 * 128 * 2 * 8192 * 2  # K and V, layers, kv heads, head dim, bf16, tokens, two sequences
+    assert claim["kv_cache_bytes"] == kv
+    assert claim["ram"] == gib(2.5) + gib(15) + kv
+
+
+def test_vllm_on_cpu_says_how_much_ram_it_lacks(tmp_path, register, deploy):
+    register("small", ram_gib=8)
     [instance] = deploy(hf_dir(tmp_path, "m", 15))
     assert instance.state == "pending"
-    assert "cpu: has no GPU; vLLM runs on GPUs only" in instance.state_message
+    assert "small: needs 19.5 GiB RAM for vLLM on CPU, has 8.0 GiB free" in instance.state_message
+
+
+def test_vllm_on_a_gpu_worker_never_falls_back_to_its_cpu(tmp_path, register, deploy):
+    register("g", vram_gib=[8], ram_gib=512)
+    [instance] = deploy(hf_dir(tmp_path, "m", 15))
+    assert instance.state == "pending"
+    assert "g: needs" in instance.state_message and "VRAM on 1 GPU" in instance.state_message
+
+
+def test_worker_that_cannot_install_the_backend_is_skipped_with_its_reason(tmp_path, register, deploy):
+    cannot = {"variant": "cpu", "installable": False, "reason": "vLLM has no build for Linux riscv64",
+              "installed": []}
+    register("riscv", ram_gib=64, backends={"vllm": cannot})
+    [instance] = deploy(hf_dir(tmp_path, "m", 1))
+    assert instance.state == "pending"
+    assert "riscv: cannot run vllm: vLLM has no build for Linux riscv64" in instance.state_message
+    register("x86", ram_gib=64, backends={"vllm": {**cannot, "installable": True, "reason": ""}})
+    [instance] = deploy(hf_dir(tmp_path, "m2", 1), name="m2")
+    assert instance.worker.name == "x86"
+
+
+def test_a_worker_that_already_has_the_version_may_run_it_without_installing(tmp_path, register, deploy):
+    has_it = {"variant": "cpu", "installable": False, "reason": "no compiler", "default_version": "0.32.0",
+              "installed": ["0.32.0"]}
+    register("offline", ram_gib=64, backends={"vllm": has_it})
+    [instance] = deploy(hf_dir(tmp_path, "m", 1))
+    assert instance.worker.name == "offline" and instance.backend_version == "0.32.0"
+    [other] = deploy(hf_dir(tmp_path, "m2", 1), name="m2", backend_version="0.31.0")
+    assert other.state == "pending" and "offline: cannot run vllm: no compiler" in other.state_message
 
 
 def test_manual_gpus_must_divide_the_attention_heads(tmp_path, register, deploy):
@@ -74,4 +115,4 @@ def test_whisper_goes_to_vox_box_on_cpu(tmp_path, register, deploy):
     instance.model.refresh_from_db()
     assert instance.model.backend == "vox-box"
     assert instance.model.categories == ["speech_to_text"]
-    assert gib(0.6) < instance.computed_resource_claim["ram"] < gib(1.0)
+    assert gib(1.3) < instance.computed_resource_claim["ram"] < gib(1.7)

@@ -25,18 +25,3 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def validate_parameters(params: list, reserved: frozenset[str]) -> list[str]:
-    """Problems with a parameter list, as messages; empty when it is fine."""
-    problems = []
-    for item in params:
-        if not isinstance(item, str) or not item:
-            problems.append(f"{item!r} is not a non-empty string")
-    if problems:
-        return problems
-    for name in sorted(flag_names(params) & reserved):
-        problems.append(f"{name} is set by aiMindServe and cannot be overridden")
-    if params and not params[0].startswith("-"):
-        problems.append(f"{params[0]!r} must follow a flag such as --ctx-size")
-    return problems
