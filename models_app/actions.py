@@ -12,7 +12,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from models_app.choices import InstanceState
+from models_app.choices import ErrorKind, InstanceState
 from models_app.models import Model, ModelInstance
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ def do_update_model(model: Model, fields: dict) -> Model:
         setattr(model, name, value)
     if changed - Model.LIVE_FIELDS:
         model.config_version += 1
+        # Instances stopped by an error no restart can fix get their next try now, with the new configuration.
+        _delete_instances(list(ModelInstance.objects.filter(model=model, state=InstanceState.ERROR,
+                                                            error_kind=ErrorKind.PERMANENT).select_related("worker")))
     model.save()
     do_sync_replicas(model)
     return model
@@ -146,20 +149,34 @@ def do_delete_model(model: Model) -> None:
     Model.objects.filter(pk=model.pk).delete()
 
 
-def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iterable[str]) -> bool:
-    """The backend failed: `error`, with the restart (if the model wants one) booked as data, not a timer."""
+PERMANENT_SUFFIX = " (not restarted automatically: edit the model or delete the instance to try again)"
+
+
+def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iterable[str],
+                     permanent: bool = False) -> bool:
+    """The instance failed: `error`. A transient failure books its restart (if the model wants one) as data, not a
+    timer. A permanent one (bad arguments, missing file, unknown version) books none and releases its claim, so
+    other instances may use the memory; editing the model or deleting the instance gives it another try."""
+    if permanent:
+        failed = do_set_instance_state(instance, InstanceState.ERROR, from_states=from_states,
+                                       message=message + PERMANENT_SUFFIX, error_kind=ErrorKind.PERMANENT, pid=None,
+                                       running_since=None, next_restart_at=None)
+        if failed:
+            schedule_pending_after_commit()
+        return failed
     restart = Model.objects.filter(pk=instance.model_id, restart_on_error=True).exists()
     next_at = timezone.now() + timedelta(seconds=restart_delay(instance.restart_count)) if restart else None
     return do_set_instance_state(instance, InstanceState.ERROR, from_states=from_states, message=message,
-                                 pid=None, running_since=None, next_restart_at=next_at)
+                                 error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=next_at)
 
 
 def do_restart_instance(instance: ModelInstance) -> bool:
     """An errored instance whose restart is due starts again on the same worker."""
     now = timezone.now()
-    updated = ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.ERROR).update(
+    updated = ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.ERROR).exclude(
+        error_kind=ErrorKind.PERMANENT).update(
         state=InstanceState.SCHEDULED, restart_count=F("restart_count") + 1, last_restart_at=now,
-        next_restart_at=None, updated_at=now,
+        next_restart_at=None, error_kind="", updated_at=now,
         state_message=f"restarting after: {instance.state_message}"[:2000])
     if updated:
         instance.refresh_from_db()
@@ -167,9 +184,9 @@ def do_restart_instance(instance: ModelInstance) -> bool:
     return bool(updated)
 
 
-def do_mark_running(instance: ModelInstance) -> bool:
+def do_mark_running(instance: ModelInstance, message: str = "") -> bool:
     return do_set_instance_state(instance, InstanceState.RUNNING, from_states=[InstanceState.STARTING],
-                                 running_since=timezone.now())
+                                 message=message, running_since=timezone.now())
 
 
 def do_forgive_restarts(instance: ModelInstance) -> bool:
@@ -184,7 +201,7 @@ def do_move_off_lost_worker(worker_name: str, instance_ids: list[int]) -> int:
     The old worker ends their processes when it returns (they are no longer its instances)."""
     moved = ModelInstance.objects.filter(pk__in=instance_ids, state=InstanceState.UNREACHABLE).update(
         state=InstanceState.PENDING, worker=None, pid=None, port=None, gpu_indexes=[], computed_resource_claim={},
-        running_since=None, updated_at=timezone.now(),
+        running_since=None, error_kind="", updated_at=timezone.now(),
         state_message=f"worker {worker_name} stopped answering; placing the instance elsewhere")
     if moved:
         schedule_pending_after_commit()
@@ -207,13 +224,19 @@ def do_set_instance_state(
     state: str,
     *,
     from_states: Iterable[str] | None = None,
+    on_worker: str | None = None,
     message: str = "",
     **fields,
 ) -> bool:
-    """Conditional update: applies only if the instance is still in one of `from_states`. True if applied."""
+    """Conditional update: applies only if the instance is still in one of `from_states` (and, given `on_worker`,
+    still placed on that worker). True if applied."""
     query = ModelInstance.objects.filter(pk=instance.pk)
     if from_states is not None:
         query = query.filter(state__in=list(from_states))
+    if on_worker is not None:
+        query = query.filter(worker__name=on_worker)
+    if state != InstanceState.ERROR:
+        fields.setdefault("error_kind", "")
     updated = query.update(state=state, state_message=message, updated_at=timezone.now(), **fields)
     if updated:
         instance.state = state

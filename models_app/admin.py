@@ -14,8 +14,8 @@ def state_badge(state: str, label: str):
 
 class ModelInstanceInline(admin.TabularInline):
     model = ModelInstance
-    fields = ["name", "worker", "gpu_indexes", "port", "state", "state_message", "restart_count",
-              "next_restart_at", "config_version"]
+    fields = ["name", "worker", "gpu_indexes", "port", "state", "state_message", "error_kind", "backend_version",
+              "restart_count", "next_restart_at", "config_version"]
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -78,9 +78,9 @@ class ModelAdmin(admin.ModelAdmin):
 
 @admin.register(ModelInstance)
 class ModelInstanceAdmin(admin.ModelAdmin):
-    list_display = ["name", "model", "worker", "gpu_indexes", "port", "state_label", "state_message",
-                    "restart_count", "next_restart_at", "is_outdated", "updated_at"]
-    list_filter = ["state", "model", "worker"]
+    list_display = ["name", "model", "worker", "gpu_indexes", "port", "state_label", "state_message", "error_kind",
+                    "backend", "backend_version", "restart_count", "next_restart_at", "is_outdated", "updated_at"]
+    list_filter = ["state", "error_kind", "backend", "model", "worker"]
     search_fields = ["name", "model__name", "worker__name", "state_message"]
     readonly_fields = [f.name for f in ModelInstance._meta.fields]
     change_form_template = "admin/models_app/modelinstance/change_form.html"

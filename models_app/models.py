@@ -5,6 +5,7 @@ from django.db.models import Q
 
 from models_app.choices import (
     BackendChoices,
+    ErrorKind,
     InstanceState,
     PlacementStrategyChoices,
     SourceChoices,
@@ -79,6 +80,11 @@ class ModelInstance(models.Model):
     pid = models.PositiveIntegerField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=InstanceState.choices, default=InstanceState.PENDING)
     state_message = models.TextField(blank=True, default="")
+    error_kind = models.CharField(max_length=16, choices=ErrorKind.choices, blank=True, default="",
+                                  help_text="In error: permanent (no automatic restart) or transient (restarted).")
+    backend = models.CharField(max_length=32, blank=True, default="", help_text="The backend it runs on.")
+    backend_version = models.CharField(max_length=64, blank=True, default="",
+                                       help_text="The backend version it runs (the default when the model names none).")
     download_progress = models.FloatField(default=0)
     restart_count = models.PositiveIntegerField(default=0)
     last_restart_at = models.DateTimeField(null=True, blank=True)

@@ -53,7 +53,7 @@ def do_delete_worker(worker: Worker) -> None:
     """Its instances go back to pending, to be placed elsewhere."""
     ModelInstance.objects.filter(worker=worker).update(
         worker=None, state=InstanceState.PENDING, pid=None, port=None, gpu_indexes=[], computed_resource_claim={},
-        state_message=f"worker {worker.name} was removed",
+        error_kind="", state_message=f"worker {worker.name} was removed",
     )
     worker.delete()
     schedule_pending_after_commit()

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_app.actions import do_move_off_lost_worker
-from models_app.choices import InstanceState
+from models_app.choices import ErrorKind, InstanceState
 from models_app.models import ModelInstance
 from workers_app.choices import WorkerState
 from workers_app.models import Worker
@@ -39,9 +39,10 @@ def mark_stale_workers() -> int:
                     state=WorkerState.NOT_READY,
                     state_message=f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"):
                 continue
+            # A permanent error stays where it failed: it waits for an edit or a delete, not for another worker.
             lost = list(ModelInstance.objects.filter(worker=worker, state__in=[*InstanceState.on_worker(),
                                                                                 InstanceState.ERROR])
-                        .values_list("pk", flat=True))
+                        .exclude(error_kind=ErrorKind.PERMANENT).values_list("pk", flat=True))
             ModelInstance.objects.filter(pk__in=lost).update(
                 state=InstanceState.UNREACHABLE, state_message=f"worker {worker.name} is not ready")
             do_move_off_lost_worker(worker.name, lost)
