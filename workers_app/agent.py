@@ -6,7 +6,10 @@ the supervisor share the Popen objects and see real exit codes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -27,13 +30,19 @@ from models_app.choices import InstanceState, SourceChoices
 from models_app.models import ModelInstance
 from models_app.sources import SourceError
 from workers_app import downloads, inventory, logs, processes
-from workers_app.backends.base import BackendError, LaunchSpec, get_backend
+from workers_app.backends import get_backend
+from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec
 from workers_app.processes import BackendProcess
 
 logger = logging.getLogger(__name__)
 
 HEALTH_FAILURES_BEFORE_ERROR = 3
+INSTALL_PROGRESS_SECONDS = 1.0  # an install's progress reaches the instance at most this often
+PREPARING_STATES = [InstanceState.SCHEDULED, InstanceState.DOWNLOADING, InstanceState.INITIALIZING,
+                    InstanceState.STARTING]
 STARTING_POLL_SECONDS = 0.05  # a starting backend is polled fast: deploy-to-running latency is a product goal
+UNKNOWN_CLAIM_MESSAGE = ("resource claim unknown: the server could not read the model's metadata, so no memory "
+                         "was booked for it")
 _current: NodeAgent | None = None
 
 
@@ -53,6 +62,10 @@ class NodeAgent:
         self.labels = labels or {}
         self.worker_id: int | None = None
         self.processes: dict[int, BackendProcess] = {}
+        self.preparing: set[int] = set()  # instances downloading, installing or about to start, in their own thread
+        self.node = inventory.node_info()
+        # Backends' TMPDIRs, short (vLLM's IPC socket paths must fit in 107 bytes), one folder per data dir.
+        self.tmp_root = Path(tempfile.gettempdir()) / f"aimind-{hashlib.sha1(str(data_dir).encode()).hexdigest()[:8]}"
         self.lock = threading.RLock()
         self.stopping = threading.Event()
         self.registered = threading.Event()
@@ -135,75 +148,131 @@ class NodeAgent:
             self.stopping.wait(delay)
 
     def launch(self, instance_id: int) -> None:
-        """Start the backend for a scheduled instance; never two processes for one instance."""
+        """Prepare and start the backend of a scheduled instance, in a thread of its own: a download or an install
+        takes minutes, and the agent keeps supervising its other backends meanwhile. Never two for one instance."""
         with self.lock:
-            if instance_id in self.processes or self.stopping.is_set():
+            if instance_id in self.processes or instance_id in self.preparing or self.stopping.is_set():
                 return
             instance = ModelInstance.objects.select_related("model", "worker").filter(pk=instance_id).first()
-            if instance is None or instance.worker is None or instance.worker.name != self.name:
+            if instance is None or instance.worker is None or instance.worker.name != self.name \
+                    or instance.state != InstanceState.SCHEDULED:
                 return
-            if instance.model.source != SourceChoices.LOCAL_PATH:
-                if do_set_instance_state(instance, InstanceState.DOWNLOADING, from_states=[InstanceState.SCHEDULED],
-                                         message="downloading the model files", download_progress=0):
-                    threading.Thread(target=self._download_then_start, args=(instance,), daemon=True,
-                                     name=f"download-{instance.pk}").start()
-                return
-            if not do_set_instance_state(instance, InstanceState.STARTING, from_states=[InstanceState.SCHEDULED],
-                                         message="starting the backend"):
-                return
-            self._start_and_record(instance)
+            self.preparing.add(instance_id)
+        threading.Thread(target=self._prepare_and_start, args=(instance,), daemon=True,
+                         name=f"prepare-{instance_id}").start()
 
-    def _download_then_start(self, instance: ModelInstance) -> None:
+    def _prepare_and_start(self, instance: ModelInstance) -> None:
+        try:
+            self._prepare_and_start_unguarded(instance)
+        except BackendError as exc:
+            self._failed_to_start(instance, str(exc), exc.permanent)
+        except Exception as exc:  # never leave an instance preparing for ever
+            logger.exception("instance %s: could not be started", instance.name)
+            self._failed_to_start(instance, f"{type(exc).__name__}: {exc}", permanent=False)
+        finally:
+            with self.lock:
+                self.preparing.discard(instance.pk)
+            close_old_connections()  # this thread's own connection
+
+    def _failed_to_start(self, instance: ModelInstance, message: str, permanent: bool) -> None:
+        with self.lock:  # first: a restart that is due at once must find the instance free to launch
+            self.preparing.discard(instance.pk)
+            started = instance.pk in self.processes
+        if started:
+            self.stop_instance(instance.pk)
+        do_fail_instance(instance, message, from_states=PREPARING_STATES, permanent=permanent)
+
+    def _prepare_and_start_unguarded(self, instance: ModelInstance) -> None:
+        model = instance.model
+        backend = get_backend(instance.backend or model.backend or "llama-box")
+        version = instance.backend_version or model.backend_version or backend.default_version
+        if model.source == SourceChoices.LOCAL_PATH:
+            model_path = backend.resolve_model_path(Path(model.local_path))  # before a long install, not after
+        else:
+            downloaded = self._download(instance)
+            if downloaded is None:
+                return
+            model_path = backend.resolve_model_path(downloaded)
+        installation = self._installation(instance, backend, version)
+        if installation is None:
+            return
+        with self.lock:
+            instance.refresh_from_db()  # the placement as it is now, not as it was before a download or install
+            if self.stopping.is_set() or not do_set_instance_state(
+                    instance, InstanceState.STARTING, from_states=PREPARING_STATES, on_worker=self.name,
+                    message="starting the backend", backend=backend.name, backend_version=installation.version):
+                return
+            proc = self._start_backend(instance, backend, installation, model_path)
+            self.processes[instance.pk] = proc
+            processes.write_pidfile(self.data_dir, proc, self.name)
+            # Under the lock: the supervisor must not see it healthy (and running) before it has its port.
+            ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.STARTING).update(pid=proc.pid,
+                                                                                              port=proc.port)
+
+    def _download(self, instance: ModelInstance) -> Path | None:
+        if not do_set_instance_state(instance, InstanceState.DOWNLOADING, from_states=[InstanceState.SCHEDULED],
+                                     message="downloading the model files", download_progress=0):
+            return None
+
         def progress(percent: float) -> None:
             ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.DOWNLOADING).update(
                 download_progress=round(percent, 1))
 
         try:
             path = downloads.download(instance.model, progress)
-            with self.lock:
-                if not self.stopping.is_set() and do_set_instance_state(
-                        instance, InstanceState.STARTING, from_states=[InstanceState.DOWNLOADING],
-                        message="starting the backend", download_progress=100, resolved_path=str(path)):
-                    self._start_and_record(instance)
         except (SourceError, OSError) as exc:  # the hub's reason; retried with backoff like any error
-            do_fail_instance(instance, f"download failed: {exc}", from_states=[InstanceState.DOWNLOADING])
-        except Exception as exc:  # never leave an instance `downloading` for ever
-            logger.exception("instance %s: download failed", instance.name)
-            do_fail_instance(instance, f"download failed: {type(exc).__name__}: {exc}",
-                             from_states=[InstanceState.DOWNLOADING])
-        finally:
-            close_old_connections()  # this thread's own connection
+            raise BackendError(f"download failed: {exc}") from exc
+        updated = ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.DOWNLOADING).update(
+            download_progress=100, resolved_path=str(path))
+        return path if updated else None
 
-    def _start_and_record(self, instance: ModelInstance) -> None:
-        """With the lock held and the instance `starting`: run its backend and remember the process."""
-        try:
-            proc = self._start_backend(instance)
-        except BackendError as exc:
-            do_fail_instance(instance, str(exc), from_states=[InstanceState.STARTING])
-            return
-        self.processes[instance.pk] = proc
-        processes.write_pidfile(self.data_dir, proc, self.name)
-        # Deleted meanwhile? The supervisor ends processes whose instance is gone.
-        ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.STARTING).update(pid=proc.pid, port=proc.port)
+    def _installation(self, instance: ModelInstance, backend: Backend, version: str) -> Installation | None:
+        """The backend version this instance needs, installed first if this node does not have it (the instance
+        shows `initializing` with the installer's progress meanwhile)."""
+        variant = backend.variant(self.node)
+        found = backend.find(version, variant)
+        if found is not None:
+            return found
+        ok, reason = backend.installable(self.node)
+        if not ok:
+            raise BackendError(f"{backend.name} cannot run on worker {self.name}: {reason}", permanent=True)
+        what = f"installing {backend.name} {version}" + (f" ({variant})" if variant else "")
+        if not do_set_instance_state(instance, InstanceState.INITIALIZING,
+                                     from_states=[InstanceState.SCHEDULED, InstanceState.DOWNLOADING],
+                                     message=f"{what}: starting"):
+            return None
+        last = [0.0]
 
-    def _start_backend(self, instance: ModelInstance) -> BackendProcess:
+        def progress(line: str) -> None:
+            now = time.monotonic()
+            if now - last[0] >= INSTALL_PROGRESS_SECONDS:
+                last[0] = now
+                ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.INITIALIZING).update(
+                    state_message=line if line.startswith("installing") else f"{what}: {line}"[:1000])
+
+        logger.info("instance %s: %s", instance.name, what)
+        return backend.install(version, variant, progress)
+
+    def _start_backend(self, instance: ModelInstance, backend: Backend, installation: Installation,
+                       model_path: Path) -> BackendProcess:
         model = instance.model
-        backend = get_backend(model.backend or "llama-box")
-        backend.ensure_installed(model.backend_version)
-        path = backend.resolve_model_path(Path(instance.resolved_path or model.local_path))
         taken = {p.port for p in self.processes.values()}
         port = processes.free_port(self.ip, *settings.BACKEND_PORT_RANGE, taken)
-        spec = LaunchSpec(model_name=model.name, model_path=path, host=self.ip, port=port,
+        work_dir = self.data_dir / "work" / str(instance.pk)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        tmp_dir = self.tmp_root / str(instance.pk)
+        spec = LaunchSpec(model_name=model.name, model_path=model_path, host=self.ip, port=port,
                           categories=list(model.categories or []), gpu_indexes=list(instance.gpu_indexes or []),
                           claim=dict(instance.computed_resource_claim or {}),
-                          backend_parameters=list(model.backend_parameters or []),
-                          backend_version=model.backend_version, env=dict(model.env or {}))
+                          backend_parameters=list(model.backend_parameters or []), env=dict(model.env or {}),
+                          installation=installation, work_dir=work_dir, tmp_dir=tmp_dir)
         cmd = backend.command(spec)
         log_path = self.data_dir / "logs" / "instances" / f"{instance.pk}.log"
         if self.shipper is not None:
             self.shipper.start_at_end(instance.pk, log_path)
         popen = processes.start(cmd, env=backend.environment(spec), log_path=log_path)
-        logger.info("instance %s: started pid %s on port %s", instance.name, popen.pid, port)
+        logger.info("instance %s: started %s %s, pid %s on port %s", instance.name, backend.name,
+                    installation.version, popen.pid, port)
         return BackendProcess(instance.pk, popen, popen.pid, port, self.ip, log_path, time.monotonic())
 
     def stop_instance(self, instance_id: int) -> None:
@@ -213,9 +282,11 @@ class NodeAgent:
             processes.terminate_group(proc.pid, proc.popen)
             processes.remove_pidfile(self.data_dir, instance_id)
             self._ship(proc)
-            if not ModelInstance.objects.filter(pk=instance_id).exists():
-                logs.forget([instance_id])  # deleted: its log goes with it
             logger.info("instance %s: backend pid %s ended", instance_id, proc.pid)
+        if not ModelInstance.objects.filter(pk=instance_id).exists():  # deleted: its log and files go with it
+            logs.forget([instance_id])
+            shutil.rmtree(self.data_dir / "work" / str(instance_id), ignore_errors=True)
+            shutil.rmtree(self.tmp_root / str(instance_id), ignore_errors=True)
 
     def _ship(self, proc: BackendProcess) -> None:
         if self.shipper is None:
@@ -257,7 +328,9 @@ class NodeAgent:
         due = ModelInstance.objects.filter(worker__name=self.name, state=InstanceState.ERROR,
                                            model__restart_on_error=True, next_restart_at__lte=timezone.now())
         for instance in due:
-            if do_restart_instance(instance):
+            with self.lock:
+                busy = instance.pk in self.processes or instance.pk in self.preparing
+            if not busy and do_restart_instance(instance):
                 self.launch(instance.pk)
 
     def _check_processes(self) -> None:
@@ -282,13 +355,17 @@ class NodeAgent:
             self.processes.pop(instance.pk, None)
         processes.remove_pidfile(self.data_dir, instance.pk)
         self._ship(proc)  # the last lines usually say why it died
-        backend = get_backend(instance.model.backend or "llama-box")
-        cause = backend.error_from_log(processes.tail_lines(proc.log_path))
-        message = f"backend {processes.describe_exit(returncode)}" + (f": {cause}" if cause else "")
-        do_fail_instance(instance, message, from_states=[InstanceState.STARTING, InstanceState.RUNNING])
+        backend = get_backend(instance.backend or instance.model.backend or "llama-box")
+        lines = processes.tail_lines(proc.log_path)
+        cause = backend.error_from_log(lines)
+        permanent = backend.exit_is_permanent(returncode, lines, proc.healthy_once)
+        when = "" if proc.healthy_once or not permanent else " before it was ready"
+        message = f"backend {processes.describe_exit(returncode)}{when}" + (f": {cause}" if cause else "")
+        do_fail_instance(instance, message, from_states=[InstanceState.STARTING, InstanceState.RUNNING],
+                         permanent=permanent)
 
     def _check_health(self, instance: ModelInstance, proc: BackendProcess) -> None:
-        backend = get_backend(instance.model.backend or "llama-box")
+        backend = get_backend(instance.backend or instance.model.backend or "llama-box")
         host = "127.0.0.1" if proc.host in ("0.0.0.0", "") else proc.host
         try:
             healthy = self.health_http.get(f"http://{host}:{proc.port}{backend.health_path}").status_code == 200
@@ -298,7 +375,8 @@ class NodeAgent:
             proc.health_failures = 0
             proc.healthy_once = True
             if instance.state == InstanceState.STARTING:
-                do_mark_running(instance)
+                unknown = (instance.computed_resource_claim or {}).get("unknown")
+                do_mark_running(instance, UNKNOWN_CLAIM_MESSAGE if unknown else "")
             elif instance.restart_count:
                 do_forgive_restarts(instance)
             return
@@ -321,16 +399,18 @@ class NodeAgent:
         with self.lock:
             owned = list(self.processes.values())
             self.processes.clear()
+            preparing = list(self.preparing)
         for proc in owned:
             processes.terminate_group(proc.pid, proc.popen)
             processes.remove_pidfile(self.data_dir, proc.instance_id)
             self._ship(proc)
         try:
             close_old_connections()
-            for proc in owned:
-                ModelInstance.objects.filter(pk=proc.instance_id, state__in=InstanceState.on_worker()).update(
-                    state=InstanceState.SCHEDULED, pid=None,
-                    state_message=f"worker {self.name} stopped; the instance starts again when it returns")
+            # Running or still downloading / installing: all start again when this worker returns.
+            ModelInstance.objects.filter(pk__in=[p.instance_id for p in owned] + preparing,
+                                         state__in=InstanceState.on_worker()).update(
+                state=InstanceState.SCHEDULED, pid=None,
+                state_message=f"worker {self.name} stopped; the instance starts again when it returns")
         except Exception:  # the database may already be gone; the processes are what must not leak
             logger.exception("could not record the stopped instances")
         self.http.close()
