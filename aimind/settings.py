@@ -82,6 +82,8 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "aimind.urls"
+# Audio for /v1/audio/transcriptions arrives whole (OpenAI accepts files up to 25 MB); Django's 2.5 MB is too small.
+DATA_UPLOAD_MAX_MEMORY_SIZE = 32 * 1024**2
 ASGI_APPLICATION = "aimind.asgi.application"
 APPEND_SLASH = False
 

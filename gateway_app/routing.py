@@ -16,6 +16,7 @@ _counters: dict[int, itertools.count] = defaultdict(itertools.count)
 class Upstream:
     instance_id: int
     base_url: str
+    backend: str = ""
 
 
 class UnknownModel(Exception):
@@ -27,17 +28,17 @@ class NoRunningInstance(Exception):
 
 
 async def pick_upstream(model_name: str) -> Upstream:
-    model = await Model.objects.filter(name=model_name).only("id").afirst()
+    model = await Model.objects.filter(name=model_name).only("id", "backend").afirst()
     if model is None:
         raise UnknownModel(model_name)
     running = [
-        (pk, ip, port)
-        async for pk, ip, port in ModelInstance.objects.filter(
+        row
+        async for row in ModelInstance.objects.filter(
             model_id=model.pk, state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False
-        ).order_by("id").values_list("pk", "worker__ip", "port")
+        ).order_by("id").values_list("pk", "worker__ip", "port", "backend")
     ]
     if not running:
         raise NoRunningInstance(model_name)
-    pk, ip, port = running[next(_counters[model.pk]) % len(running)]
+    pk, ip, port, backend = running[next(_counters[model.pk]) % len(running)]
     host = "127.0.0.1" if ip in ("", "0.0.0.0") else ip
-    return Upstream(pk, f"http://{host}:{port}")
+    return Upstream(pk, f"http://{host}:{port}", backend or model.backend)

@@ -75,10 +75,11 @@ async def list_models(request: HttpRequest) -> HttpResponse:
 def _requested_model(request: HttpRequest) -> tuple[str | None, bool, str | None]:
     """(model name, wants a stream, error) from a JSON or multipart body."""
     content_type = request.content_type or ""
+    raw = request.body  # first: the form is then parsed from these bytes, and they are still there to pass on
     if content_type.startswith("multipart/") or content_type == "application/x-www-form-urlencoded":
         return request.POST.get("model"), request.POST.get("stream") in ("true", "True", "1"), None
     try:
-        body = json.loads(request.body or b"{}")
+        body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
         return None, False, "The request body is not valid JSON."
     if not isinstance(body, dict):
@@ -118,10 +119,31 @@ async def proxy(request: HttpRequest, route: str) -> HttpResponse:
         return _streamed(response, passed)
     body = await response.aread()
     await response.aclose()
+    if upstream.backend == "vox-box":
+        refused = _vox_box_error(response, body)
+        if refused is not None:
+            return refused
     reply = HttpResponse(body, status=response.status_code)
     for k, v in passed.items():
         reply[k] = v
     return reply
+
+
+def _vox_box_error(response: httpx.Response, body: bytes) -> JsonResponse | None:
+    """vox-box answers its errors with HTTP 200 and `{"status_code": 4xx, "detail": …}`: the client gets that real
+    status, in OpenAI's error shape."""
+    if response.status_code != 200 or not response.headers.get("content-type", "").startswith("application/json"):
+        return None
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    status = payload.get("status_code") if isinstance(payload, dict) else None
+    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+        return None
+    kind = "invalid_request_error" if status < 500 else "api_error"
+    return openai_error(status, str(payload.get("detail") or "the backend refused the request"), kind,
+                        "backend_error")
 
 
 def _streamed(response: httpx.Response, headers: dict[str, str]) -> StreamingHttpResponse:
