@@ -72,7 +72,7 @@ def to_source_error(exc: BaseException, endpoint: str) -> SourceError:
         return to_source_error(cause, endpoint) if cause is not None else SourceError(_message(exc), 502)
     if isinstance(exc, EntryNotFoundError):
         return SourceError(_message(exc), 404)
-    return SourceError(compact(f"cannot reach Hugging Face at {endpoint}: {type(exc).__name__}: {exc}"), 502)
+    return SourceError(compact(f"Hugging Face is unreachable at {endpoint}: {type(exc).__name__}: {exc}"), 502)
 
 
 def _mapped(endpoint: str) -> AbstractContextManager[None]:

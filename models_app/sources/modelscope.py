@@ -57,7 +57,7 @@ def to_source_error(exc: BaseException, endpoint: str) -> SourceError:
         return SourceError(message, 400)
     if isinstance(exc, APIError):
         return SourceError(compact(f"HTTP {exc.status_code}: {message}"), status_for(exc.status_code))
-    return SourceError(compact(f"cannot reach ModelScope at {endpoint}: {type(exc).__name__}: {message}"), 502)
+    return SourceError(compact(f"ModelScope is unreachable at {endpoint}: {type(exc).__name__}: {message}"), 502)
 
 
 def _mapped(endpoint: str) -> AbstractContextManager[None]:

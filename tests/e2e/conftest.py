@@ -41,6 +41,28 @@ def fresh_cache(tmp: Path) -> Path:
     return cache
 
 
+@pytest.fixture
+def deploy(system, tiny_models):
+    """POST the tiny chat model under a name (with `fields` on top); the models it made are deleted afterwards.
+    `expect` is the status the API must answer; the answer's JSON is returned."""
+    created = []
+
+    def deploy(name, replicas=1, expect=201, **fields):
+        with system.client() as c:
+            response = c.post("/api/v1/models", json={"name": name, "source": "local_path", "replicas": replicas,
+                                                      "local_path": str(tiny_models["chat"]),
+                                                      "backend_parameters": ["--ctx-size", "256"], **fields})
+        assert response.status_code == expect, response.text
+        if response.status_code == 201:
+            created.append(response.json()["id"])
+        return response.json()
+
+    yield deploy
+    with system.client() as c:
+        for model_id in created:
+            c.delete(f"/api/v1/models/{model_id}")
+
+
 @pytest.fixture(scope="session")
 def system(tmp_path_factory, hubs):
     """One running aiMindServe shared by the end-to-end tests (starting one costs seconds)."""

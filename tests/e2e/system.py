@@ -78,9 +78,9 @@ class RunningSystem:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
 
-    def manage(self, *args: str) -> str:
+    def manage(self, *args: str, timeout: float = 120) -> str:
         done = subprocess.run([sys.executable, str(REPO / "manage.py"), *args], env=self.env, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, done.stderr
         return done.stdout
 
@@ -113,6 +113,27 @@ class RunningSystem:
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{c.get(f'/api/v1/models/{model_id}/instances').text}\n"
                                      f"{self.log_tail()}") from None
+
+    def deploy_and_watch(self, body: dict, timeout: float) -> dict:
+        """POST a one-replica model, then wait for its instance to run, noting each state (and the start of its
+        message) it passed through: `{"model", "instance", "seen", "posted_at"}`."""
+        posted_at = time.time()
+        seen: set[str] = set()
+        with self.client() as c:
+            created = c.post("/api/v1/models", json=body)
+            assert created.status_code == 201, created.text
+            model = created.json()
+
+            def running():
+                [instance] = c.get(f"/api/v1/models/{model['id']}/instances").json()
+                seen.add(f"{instance['state']}: {instance['state_message'][:80]}")
+                if instance["state"] == "error":
+                    raise AssertionError(f"{body['name']} failed: {instance['state_message']}\n{self.log_tail()}")
+                return instance if instance["state"] == "running" else None
+
+            instance = wait_until(running, timeout, f"{body['name']} to run", interval=0.5)
+            model = c.get(f"/api/v1/models/{model['id']}").json()
+        return {"model": model, "instance": instance, "seen": seen, "posted_at": posted_at}
 
     def stop(self, timeout: float = 60) -> int:
         self.descendants()

@@ -13,9 +13,12 @@ def test_double_delete_while_starting_leaves_nothing(system, tiny_models):
                                                "local_path": str(tiny_models["chat"]),
                                                "backend_parameters": ["--ctx-size", "256"]}).json()
     log_before = system.log_path.read_text(errors="replace")
-    wait_until(lambda: any(i["state"] in ("starting", "running") for i in
-                           system.client().get(f"/api/v1/models/{model['id']}/instances").json()), 20, "a start")
-    backends_before = {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "llama-server"}
+
+    def racy_backends():
+        return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if p.info["name"] == "llama-server" and "racy" in " ".join(p.info["cmdline"] or [])}
+
+    backends_before = wait_until(racy_backends, 20, "a backend of the model to start")
     statuses = []
 
     def delete():
@@ -31,10 +34,6 @@ def test_double_delete_while_starting_leaves_nothing(system, tiny_models):
     with system.client() as c:
         assert c.get(f"/api/v1/models/{model['id']}").status_code == 404
         assert not [i for i in c.get("/api/v1/instances").json() if i["model_name"] == "racy"]
-
-    def racy_backends():
-        return {p.pid for p in psutil.process_iter(["name", "cmdline"])
-                if p.info["name"] == "llama-server" and "racy" in " ".join(p.info["cmdline"] or [])}
 
     wait_until(lambda: not racy_backends(), 15, "every backend of the deleted model to end")
     assert backends_before  # some had started: the race was real
