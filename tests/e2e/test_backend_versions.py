@@ -2,6 +2,7 @@
 where the server can tell and otherwise an error on the instance, not retried; a model's env reaches its process."""
 
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -48,6 +49,7 @@ def test_an_unknown_version_the_server_could_not_check_errors_once_naming_it(sys
     [errored] = system.wait_for_instances(model["id"], "error", timeout=120)
     assert "llama-cpp-python==0.0.999 is not on the package index" in errored["state_message"]
     assert errored["error_kind"] == "permanent" and errored["next_restart_at"] is None
+    assert not (Path(system.env["AIMIND_CACHE_DIR"]) / "backends" / "llama-box" / "0.0.999").exists()
     time.sleep(3)  # a crash restarts at once and again 2 s later here: a permanent error does neither
     [still] = instances(system, model["id"])
     assert (still["state"], still["restart_count"]) == ("error", 0)

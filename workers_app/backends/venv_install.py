@@ -34,35 +34,43 @@ def install(name: str, version: str, variant: str, recipe: Recipe, progress: Pro
     with installs.install_lock(root):
         if find(name, version, variant) is not None:
             return root
-        started = time.monotonic()
-        installs.fresh_dir(root)
-        total = len(recipe.steps) + 1 + bool(recipe.remove) + bool(recipe.check)
-        step = 1
-
-        label = f"{name} {version}" + (f" ({variant})" if variant else "")
-
-        def say(line: str) -> None:
-            progress(f"installing {label}, step {step}/{total}: {line}")
-
-        python = installs.make_venv(root, say)
-        env = {}
-        if recipe.constraints:  # through the environment, so that packages built from source obey them too
-            constraints = root / "constraints.txt"
-            constraints.write_text("\n".join(recipe.constraints) + "\n")
-            env["PIP_CONSTRAINT"] = str(constraints)
-        for args in recipe.steps:
-            step += 1
-            installs.run(installs.pip(python, "install", *args), say, env=env, what=f"{name} version {version}")
-        if recipe.remove:
-            step += 1
-            installs.run(installs.pip(python, "uninstall", "-y", *recipe.remove), say, what=f"{name} clean-up")
-        if recipe.check:
-            step += 1
-            try:
-                installs.run([str(python), "-c", recipe.check], say, what=f"{name} {version} import check")
-            except BackendError as exc:
-                raise BackendError(f"{name} {version} installed but does not import: {exc}") from None
-        installs.mark_installed(root, version=version, variant=variant, seconds=round(time.monotonic() - started),
-                                steps=[list(s) for s in recipe.steps], constraints=list(recipe.constraints))
-        progress(f"installed {label} in {time.monotonic() - started:.0f} s")
+        try:
+            _install(name, version, variant, recipe, root, progress)
+        except BackendError as exc:
+            if exc.permanent:  # e.g. no such version: leave no directory that names it
+                installs.discard(root)
+            raise
         return root
+
+
+def _install(name: str, version: str, variant: str, recipe: Recipe, root: Path, progress: Progress) -> None:
+    started = time.monotonic()
+    label = f"{name} {version}" + (f" ({variant})" if variant else "")
+    steps: list[tuple[list[str], dict, str]] = []  # (command, extra environment, what it is)
+    installs.fresh_dir(root)
+    python = root / "bin" / "python"
+    env = {}
+    if recipe.constraints:  # through the environment, so that packages built from source obey them too
+        (root.parent / f".{root.name}-constraints.txt").write_text("\n".join(recipe.constraints) + "\n")
+        env["PIP_CONSTRAINT"] = str(root.parent / f".{root.name}-constraints.txt")
+    steps += [(installs.pip(python, "install", *args), env, f"{name} version {version}") for args in recipe.steps]
+    if recipe.remove:
+        steps.append((installs.pip(python, "uninstall", "-y", *recipe.remove), {}, f"{name} clean-up"))
+    if recipe.check:
+        steps.append(([str(python), "-c", recipe.check], {}, f"{name} {version} import check"))
+    total = len(steps) + 1
+
+    def say(step: int):
+        return lambda line: progress(f"installing {label}, step {step}/{total}: {line}")
+
+    installs.make_venv(root, say(1))
+    for number, (cmd, extra, what) in enumerate(steps, start=2):
+        try:
+            installs.run(cmd, say(number), env=extra, what=what)
+        except BackendError as exc:
+            if cmd[1] == "-c":  # the import check: installed, but broken
+                raise BackendError(f"{name} {version} installed but does not import: {exc}") from None
+            raise
+    installs.mark_installed(root, version=version, variant=variant, seconds=round(time.monotonic() - started),
+                            steps=[list(s) for s in recipe.steps], constraints=list(recipe.constraints))
+    progress(f"installed {label} in {time.monotonic() - started:.0f} s")
