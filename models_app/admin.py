@@ -1,10 +1,16 @@
+from django import forms
 from django.contrib import admin, messages
 from django.db.models import Count, Q
 from django.utils.html import format_html
+from django.utils.translation import gettext_lazy as _
 
 from models_app import actions
 from models_app.choices import InstanceState
 from models_app.models import Model, ModelInstance
+from models_app.validation import validate_model
+
+admin.site.site_header = admin.site.site_title = _("aiMindServe administration")
+admin.site.index_title = _("Back office")
 
 
 def state_badge(state: str, label: str):
@@ -25,8 +31,29 @@ class ModelInstanceInline(admin.TabularInline):
         return False
 
 
+class ModelAdminForm(forms.ModelForm):
+    """The admin's model form refuses what the API refuses, with the same messages, next to the same fields."""
+
+    class Meta:
+        model = Model
+        fields = "__all__"
+
+    def clean(self):
+        cleaned = super().clean()
+        editing = self.instance.pk is not None
+        fields = self.changed_data if editing else list(cleaned)
+        data = {f: cleaned[f] for f in fields if f in cleaned}
+        _validated, errors = validate_model(data, instance=self.instance if editing else None, partial=editing)
+        for field, problems in errors.items():
+            target = field if field in self.fields and field not in self.errors else None
+            for problem in problems:
+                self.add_error(target, problem if target else f"{field}: {problem}")
+        return cleaned
+
+
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
+    form = ModelAdminForm
     list_display = ["name", "source", "source_display", "replicas", "ready", "backend", "placement_strategy",
                     "updated_at"]
     list_filter = ["source", "backend", "placement_strategy", "cpu_offloading"]
@@ -51,8 +78,9 @@ class ModelAdmin(admin.ModelAdmin):
         return f"{obj.ready_replicas}/{obj.replicas}"
 
     def save_model(self, request, obj, form, change):
-        if change:
-            actions.do_update_model(obj, {f: form.cleaned_data[f] for f in form.changed_data})
+        if change:  # the form already wrote into `obj`: compare with the stored model, or nothing looks changed
+            stored = Model.objects.get(pk=obj.pk)
+            actions.do_update_model(stored, {f: form.cleaned_data[f] for f in form.changed_data})
         else:
             obj.pk = actions.do_create_model(**{f: form.cleaned_data[f] for f in form.cleaned_data}).pk
 

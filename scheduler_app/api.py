@@ -9,6 +9,7 @@ from rest_framework.views import APIView
 
 from models_app.models import Model
 from models_app.serializers import ModelSerializer
+from models_app.validation import flatten_errors
 from scheduler_app.estimate import EstimateError, estimate_model
 from scheduler_app.scheduler import find_placement
 from workers_app.models import Worker
@@ -29,7 +30,9 @@ def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
     """The placement a deployment of `spec` would get now, or why it would get none."""
     serializer = EvaluationSpecSerializer(data=spec)
     if not serializer.is_valid():
-        return {"compatible": False, "message": f"invalid model spec: {serializer.errors}", "placement": None}
+        problems = "; ".join(f"{field}: {message}" for field, messages in serializer.errors.items()
+                             for message in flatten_errors(messages))
+        return {"compatible": False, "message": f"invalid model spec: {problems}", "placement": None}
     model = Model(**serializer.validated_data)  # never saved
     try:
         est = estimate_model(model)

@@ -1,4 +1,4 @@
-"""The admin and the dashboard render for an operator, with data in them."""
+"""The admin and the pages render for an operator, with data in them; the admin judges a model as the API does."""
 
 import pytest
 from django.test import Client
@@ -35,9 +35,10 @@ def test_instance_page_shows_state_and_live_log_panel(browser):
     assert f"/ws/instances/{instance.pk}/logs" in page
 
 
-def test_dashboard_lists_models_instances_and_workers(browser):
+def test_models_page_lists_models_and_their_instances(browser):
     page = browser.get("/").content.decode()
-    assert "tiny" in page and "gpu-1" in page and "Error" in page
+    assert "tiny" in page and "Error" in page and "backend exited with code 1" in page
+    assert "gpu-1" in browser.get("/resources/").content.decode()
 
 
 def test_instance_lists_show_download_progress(browser):
@@ -48,6 +49,32 @@ def test_instance_lists_show_download_progress(browser):
 
 def test_pages_need_a_login():
     assert Client().get("/").status_code == 302
+
+
+def admin_model_form(**overrides) -> dict:
+    return {"name": "from-admin", "description": "", "replicas": "2", "categories": "[]", "source": "local_path",
+            "local_path": "/m.gguf", "placement_strategy": "spread", "worker_selector": "{}", "gpu_selector": "null",
+            "backend": "", "backend_version": "", "backend_parameters": "[]", "env": "{}", "cpu_offloading": "on",
+            "restart_on_error": "on", "instances-TOTAL_FORMS": "0", "instances-INITIAL_FORMS": "0", **overrides}
+
+
+def test_admin_refuses_what_the_api_refuses_with_the_same_message(browser):
+    for bad, message in (({"backend_parameters": '["--port", "8080"]'},
+                           "--port is set by aiMindServe and cannot be overridden"),
+                          ({"worker_selector": '["not", "a", "dict"]'}, "Expected a dictionary of items")):
+        response = browser.post("/admin/models_app/model/add/", admin_model_form(**bad))
+        assert response.status_code == 200 and message in response.content.decode()
+    assert not ModelInstance.objects.filter(model__name="from-admin").exists()
+
+
+def test_an_admin_edit_marks_running_instances_outdated(browser):
+    model = actions.do_create_model(name="edited", source="local_path", local_path="/m.gguf")
+    response = browser.post(f"/admin/models_app/model/{model.pk}/change/", admin_model_form(
+        name="edited", replicas="1", backend_parameters='["--ctx-size", "1024"]'))
+    assert response.status_code == 302, response.content.decode()[:3000]
+    model.refresh_from_db()
+    assert model.config_version == 2
+    assert all(i.outdated for i in ModelInstance.objects.filter(model=model).select_related("model"))
 
 
 def test_admin_creates_a_model_through_the_actions(browser, tmp_path):
