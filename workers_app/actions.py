@@ -12,12 +12,26 @@ from workers_app.choices import WorkerState
 from workers_app.models import Worker
 
 
+def merged_labels(current: dict, reported_before: dict, reported: dict) -> dict:
+    """Labels a worker reports (its command line) are added; they never erase or overwrite what an operator set.
+    A reported label the operator left as it was follows the worker's new value."""
+    merged = dict(current)
+    for key, value in reported.items():
+        if key not in current or current[key] == reported_before.get(key):
+            merged[key] = value
+    return merged
+
+
 @transaction.atomic
 def do_register_worker(data: dict) -> Worker:
-    fields = {k: v for k, v in data.items() if k != "name"}
+    fields = {k: v for k, v in data.items() if k not in ("name", "labels")}
+    reported = dict(data.get("labels") or {})
+    existing = Worker.objects.select_for_update().filter(name=data["name"]).first()
+    labels = merged_labels(existing.labels, existing.reported_labels, reported) if existing else reported
     worker, created = Worker.objects.update_or_create(
         name=data["name"],
-        defaults={**fields, "state": WorkerState.READY, "state_message": "", "last_heartbeat_at": timezone.now()},
+        defaults={**fields, "labels": labels, "reported_labels": reported, "state": WorkerState.READY,
+                  "state_message": "", "last_heartbeat_at": timezone.now()},
     )
     schedule_pending_after_commit()
     return worker

@@ -5,6 +5,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from workers_app.choices import WorkerState
 
@@ -15,7 +16,9 @@ class Worker(models.Model):
     name = models.CharField(max_length=255, unique=True)
     hostname = models.CharField(max_length=255, blank=True, default="")
     ip = models.CharField(max_length=64, blank=True, default="")
-    labels = models.JSONField(default=dict, blank=True)
+    labels = models.JSONField(default=dict, blank=True, verbose_name=_("Labels"))
+    reported_labels = models.JSONField(default=dict, blank=True, editable=False,
+                                       help_text="The labels the worker itself gave at its last registration.")
     system_reserved = models.JSONField(default=dict, blank=True)
     status = models.JSONField(default=dict, blank=True)
     state = models.CharField(max_length=16, choices=WorkerState.choices, default=WorkerState.READY)
@@ -26,6 +29,8 @@ class Worker(models.Model):
 
     class Meta:
         ordering = ["name"]
+        verbose_name = _("Worker")
+        verbose_name_plural = _("Workers")
 
     def __str__(self) -> str:
         return self.name

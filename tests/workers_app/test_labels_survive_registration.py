@@ -1,0 +1,33 @@
+"""Labels set by an operator (pages, admin, API) survive the worker's restart; its command-line labels are added."""
+
+import pytest
+from rest_framework.test import APIClient
+
+from tests.factories import cpu_status
+from workers_app import actions
+from workers_app.models import Worker
+
+pytestmark = pytest.mark.django_db
+
+
+def register(labels: dict) -> Worker:
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION="Bearer test-cluster-token")
+    response = client.post("/api/v1/workers", {"name": "w", "labels": labels, "status": cpu_status()}, format="json")
+    assert response.status_code == 201
+    return Worker.objects.get(name="w")
+
+
+def test_operator_labels_survive_reregistration_and_reported_ones_are_added(api):
+    worker = register({"zone": "a", "rack": "1"})
+    assert api.patch(f"/api/v1/workers/{worker.pk}", {"labels": {"zone": "b", "rack": "1", "team": "blue"}},
+                     format="json").status_code == 200
+    again = register({"zone": "a", "rack": "2", "disk": "ssd"})
+    # team: the operator's; zone: the operator changed it; rack: still the worker's own, so it follows; disk: new.
+    assert again.labels == {"zone": "b", "rack": "2", "team": "blue", "disk": "ssd"}
+
+
+def test_labels_edited_on_the_resources_page_survive_too(client=None):
+    worker = register({})
+    actions.do_update_worker(worker, {"labels": {"gpu": "h100"}})
+    assert register({}).labels == {"gpu": "h100"}
