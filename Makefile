@@ -3,16 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements.sha256
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup venv backend migrate lint test-postgres clean
+.PHONY: run test setup venv backend migrate messages browser lint test-postgres clean
 
 run: setup
 	$(PY) manage.py up
 
-test: setup
+test: setup browser
 	$(PY) -m pytest
 
-setup: venv backend migrate
+setup: venv backend migrate messages
 
 venv: $(STAMP)
 
@@ -29,13 +30,23 @@ migrate: venv
 	$(PY) manage.py migrate --noinput --verbosity 0
 	$(PY) manage.py bootstrap_admin
 
+# The pages' Simplified Chinese (locale/zh_Hans): compiled from the .po kept in the repo.
+messages: venv
+	$(PY) manage.py compilemessages --ignore=.venv --ignore=data --verbosity 0
+
+# The browser tests drive Debian's chromium (Playwright's own browser download is unreachable here).
+# A CJK font too, so the Chinese pages' screenshots show characters, not boxes.
+browser:
+	@command -v chromium >/dev/null && fc-list :lang=zh | grep -q . || { echo "installing Debian's chromium and a CJK font for the browser tests"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium fonts-wqy-microhei; }
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
 # The whole suite (end-to-end included) against PostgreSQL: AIMIND_TEST_DATABASE_URL names the server
 # (default: the local one, trust auth). pytest-django creates and drops test_<name> (--create-db: never
 # reused, even with --reuse-db in PYTEST_ADDOPTS); each end-to-end system gets its own aimind_e2e_* database.
-test-postgres: setup
+test-postgres: setup browser
 	AIMIND_TEST_DATABASE_URL=$${AIMIND_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres} \
 		$(PY) -m pytest --create-db
 

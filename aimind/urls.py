@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
@@ -15,6 +16,9 @@ router.register("instances", ModelInstanceViewSet, basename="instance")
 router.register("workers", WorkerViewSet, basename="worker")
 
 urlpatterns = [
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("i18n/", include("django.conf.urls.i18n")),
     path("admin/", admin.site.urls),
     path("api/v1/gpus", GpuListView.as_view(), name="gpu-list"),
     path("api/v1/evaluations", EvaluationView.as_view(), name="evaluations"),

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from django.conf import settings
 from django.db.models import Count, Q
 from django.http import HttpResponse
 from drf_spectacular.utils import extend_schema
@@ -13,7 +12,6 @@ from models_app.choices import InstanceState
 from models_app.models import Model, ModelInstance
 from models_app.serializers import ModelInstanceSerializer, ModelSerializer
 from workers_app import logs
-from workers_app.processes import tail_lines
 
 
 class ModelViewSet(viewsets.ModelViewSet):
@@ -70,10 +68,6 @@ class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mix
         instance = self.get_object()
         query = TailQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        n = query.validated_data["tail"]
-        lines = logs.tail(instance.pk, n)
-        if lines is None:  # no Redis (a single process without a cluster): the local file is all there is
-            path = settings.DATA_DIR / "logs" / "instances" / f"{instance.pk}.log"
-            lines = tail_lines(path, n=n, max_bytes=4 * 1024 * 1024, current_run_only=False)
+        lines = logs.last_lines(instance.pk, query.validated_data["tail"])
         body = "\n".join(lines) + ("\n" if lines else "")
         return HttpResponse(body, content_type="text/plain; charset=utf-8", status=status.HTTP_200_OK)

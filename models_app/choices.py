@@ -1,6 +1,7 @@
 """Enumerations for models and instances; the colour per state is shared by admin and pages."""
 
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 from workers_app.backends import all_backends
 
@@ -8,21 +9,21 @@ from workers_app.backends import all_backends
 class SourceChoices(models.TextChoices):
     HUGGINGFACE = "huggingface", "Hugging Face"
     MODELSCOPE = "modelscope", "ModelScope"
-    LOCAL_PATH = "local_path", "Local path"
+    LOCAL_PATH = "local_path", _("Local Path")
 
 
 class CategoryChoices(models.TextChoices):
     LLM = "llm", "LLM"
-    EMBEDDING = "embedding", "Embedding"
-    RERANKER = "reranker", "Reranker"
-    IMAGE = "image", "Image"
-    SPEECH_TO_TEXT = "speech_to_text", "Speech to text"
-    TEXT_TO_SPEECH = "text_to_speech", "Text to speech"
+    EMBEDDING = "embedding", _("Embedding")
+    RERANKER = "reranker", _("Reranker")
+    IMAGE = "image", _("Image")
+    SPEECH_TO_TEXT = "speech_to_text", _("Speech to text")
+    TEXT_TO_SPEECH = "text_to_speech", _("Text to speech")
 
 
 class PlacementStrategyChoices(models.TextChoices):
-    SPREAD = "spread", "Spread"
-    BINPACK = "binpack", "Binpack"
+    SPREAD = "spread", _("Spread")
+    BINPACK = "binpack", _("Binpack")
 
 
 # From the backends registry: adding a backend module adds its choice (LLAMA_BOX, VLLM, VOX_BOX …).
@@ -33,20 +34,20 @@ BackendChoices = models.TextChoices(
 class ErrorKind(models.TextChoices):
     """Why an instance is in error: what a restart cannot fix, or what it may."""
 
-    PERMANENT = "permanent", "Permanent: not restarted until the model is edited or the instance deleted"
-    TRANSIENT = "transient", "Transient: restarted with backoff"
+    PERMANENT = "permanent", _("Permanent: not restarted until the model is edited or the instance deleted")
+    TRANSIENT = "transient", _("Transient: restarted with backoff")
 
 
 class InstanceState(models.TextChoices):
-    PENDING = "pending", "Pending"
-    ANALYZING = "analyzing", "Analyzing"
-    SCHEDULED = "scheduled", "Scheduled"
-    INITIALIZING = "initializing", "Initializing"
-    DOWNLOADING = "downloading", "Downloading"
-    STARTING = "starting", "Starting"
-    RUNNING = "running", "Running"
-    ERROR = "error", "Error"
-    UNREACHABLE = "unreachable", "Unreachable"
+    PENDING = "pending", _("Pending")
+    ANALYZING = "analyzing", _("Analyzing")
+    SCHEDULED = "scheduled", _("Scheduled")
+    INITIALIZING = "initializing", _("Initializing")
+    DOWNLOADING = "downloading", _("Downloading")
+    STARTING = "starting", _("Starting")
+    RUNNING = "running", _("Running")
+    ERROR = "error", _("Error")
+    UNREACHABLE = "unreachable", _("Unreachable")
 
     @classmethod
     def colour(cls, state: str) -> str:

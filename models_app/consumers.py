@@ -25,12 +25,17 @@ def _user_from_headers(scope) -> object | None:
     return ApiKey.user_for(token) if token else None
 
 
+async def staff_user(scope):
+    """The admin behind a WebSocket handshake (session cookie, or an API key header), or None."""
+    user = scope.get("user")
+    if user is None or not user.is_authenticated:
+        user = await _user_from_headers(scope)
+    return user if user is not None and user.is_staff else None
+
+
 class InstanceLogConsumer(AsyncWebsocketConsumer):
     async def connect(self):
-        user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
-            user = await _user_from_headers(self.scope)
-        if user is None or not user.is_staff:
+        if await staff_user(self.scope) is None:
             await self.close(code=4401)
             return
         self.instance_id = self.scope["url_route"]["kwargs"]["instance_id"]

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from django.db import models
 from django.db.models import Q
+from django.utils.translation import gettext_lazy as _
 
 from models_app.choices import (
     BackendChoices,
@@ -15,28 +16,31 @@ from models_app.choices import (
 class Model(models.Model):
     """A deployable model: where its files come from, how many replicas, how and where to run them."""
 
-    name = models.CharField(max_length=255, unique=True, help_text="Also the name clients use in OpenAI requests.")
+    name = models.CharField(_("Name"), max_length=255, unique=True,
+                            help_text=_("Also the name clients use in OpenAI requests."))
     description = models.TextField(blank=True, default="")
     source = models.CharField(max_length=32, choices=SourceChoices.choices)
     huggingface_repo_id = models.CharField(max_length=255, blank=True, default="")
     huggingface_filename = models.CharField(max_length=255, blank=True, default="")
     model_scope_model_id = models.CharField(max_length=255, blank=True, default="")
     model_scope_file_path = models.CharField(max_length=255, blank=True, default="")
-    local_path = models.CharField(max_length=1024, blank=True, default="")
-    replicas = models.PositiveIntegerField(default=1)
-    categories = models.JSONField(default=list, blank=True)
+    local_path = models.CharField(_("Model path"), max_length=1024, blank=True, default="")
+    replicas = models.PositiveIntegerField(_("Replicas"), default=1)
+    categories = models.JSONField(_("Category"), default=list, blank=True)
     placement_strategy = models.CharField(
-        max_length=16, choices=PlacementStrategyChoices.choices, default=PlacementStrategyChoices.SPREAD
+        _("Placement strategy"), max_length=16, choices=PlacementStrategyChoices.choices,
+        default=PlacementStrategyChoices.SPREAD,
     )
-    worker_selector = models.JSONField(default=dict, blank=True)
-    gpu_selector = models.JSONField(null=True, blank=True)
-    backend = models.CharField(max_length=32, choices=BackendChoices.choices, blank=True, default="")
-    backend_version = models.CharField(max_length=64, blank=True, default="")
-    backend_parameters = models.JSONField(default=list, blank=True)
-    env = models.JSONField(default=dict, blank=True)
-    cpu_offloading = models.BooleanField(default=True)
-    distributed_inference_across_workers = models.BooleanField(default=True)
-    restart_on_error = models.BooleanField(default=True)
+    worker_selector = models.JSONField(_("Worker selector"), default=dict, blank=True)
+    gpu_selector = models.JSONField(_("GPU selector"), null=True, blank=True)
+    backend = models.CharField(_("Backend"), max_length=32, choices=BackendChoices.choices, blank=True, default="")
+    backend_version = models.CharField(_("Backend version"), max_length=64, blank=True, default="")
+    backend_parameters = models.JSONField(_("Backend parameters"), default=list, blank=True)
+    env = models.JSONField(_("Environment variables"), default=dict, blank=True)
+    cpu_offloading = models.BooleanField(_("Allow CPU offloading"), default=True)
+    distributed_inference_across_workers = models.BooleanField(_("Allow distributed inference across workers"),
+                                                               default=True)
+    restart_on_error = models.BooleanField(_("Auto-restart on error"), default=True)
     config_version = models.PositiveIntegerField(default=1, editable=False,
                                                  help_text="Bumped when a change needs new instances to take effect.")
     created_at = models.DateTimeField(auto_now_add=True)
@@ -47,6 +51,8 @@ class Model(models.Model):
 
     class Meta:
         ordering = ["name"]
+        verbose_name = _("Model")
+        verbose_name_plural = _("Models")
 
     def __str__(self) -> str:
         return self.name
@@ -99,6 +105,8 @@ class ModelInstance(models.Model):
 
     class Meta:
         ordering = ["id"]
+        verbose_name = _("Model instance")
+        verbose_name_plural = _("Model instances")
         indexes = [
             # The scheduler's hot query: what is still waiting for a place.
             models.Index(fields=["state"], name="instance_pending_idx", condition=Q(state=InstanceState.PENDING)),

@@ -1,7 +1,17 @@
 from django.urls import path
 
 from models_app import views
+from workers_app.views import ResourcesView, WorkerLabelsView
 
 urlpatterns = [
-    path("", views.dashboard, name="dashboard"),
+    path("", views.ModelListView.as_view(), name="models"),
+    path("models/deploy/", views.ModelFormView.as_view(), name="model-deploy"),
+    path("models/evaluate/", views.ModelEvaluateView.as_view(), name="model-evaluate"),
+    path("models/<int:pk>/edit/", views.ModelFormView.as_view(), name="model-edit"),
+    path("models/<int:pk>/<str:action>/", views.ModelActionView.as_view(), name="model-action"),
+    path("instances/<int:pk>/delete/", views.InstanceDeleteView.as_view(), name="instance-delete"),
+    path("instances/<int:pk>/logs/", views.InstanceLogsView.as_view(), name="instance-logs"),
+    path("instances/<int:pk>/logs/download", views.InstanceLogDownloadView.as_view(), name="instance-log-download"),
+    path("resources/", ResourcesView.as_view(), name="resources"),
+    path("resources/workers/<int:pk>/edit/", WorkerLabelsView.as_view(), name="worker-edit"),
 ]

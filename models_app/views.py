@@ -1,17 +1,180 @@
-from django.contrib.admin.views.decorators import staff_member_required
-from django.db.models import Count, Q
-from django.shortcuts import render
+"""The product's own pages for models (SPEC §5): Models, Deploy, Edit, an instance's logs. Thin views that call
+the actions; a model's fields are judged by the API's own validation."""
 
-from models_app.choices import InstanceState
+from __future__ import annotations
+
+from collections import Counter
+
+from django.contrib import messages
+from django.contrib.auth.mixins import LoginRequiredMixin, UserPassesTestMixin
+from django.db.models import Count, Prefetch, Q
+from django.http import HttpResponse, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.template.defaultfilters import filesizeformat
+from django.utils.translation import gettext as _
+from django.views import View
+from django.views.generic import TemplateView
+
+from models_app import actions
+from models_app.choices import InstanceState, PlacementStrategyChoices, SourceChoices
+from models_app.forms import form_values, model_data_from_post
 from models_app.models import Model, ModelInstance
-from workers_app.models import Worker
+from models_app.validation import validate_model
+from workers_app import logs
+from workers_app.backends import all_backends
 
 
-@staff_member_required
-def dashboard(request):
-    models = Model.objects.annotate(
-        ready_replicas_count=Count("instances", filter=Q(instances__state=InstanceState.RUNNING)))
-    instances = ModelInstance.objects.select_related("model", "worker").order_by("model__name", "id")
-    return render(request, "models/dashboard.html", {
-        "models": models, "instances": instances, "workers": Worker.objects.all(),
-    })
+class AdminRequiredMixin(LoginRequiredMixin, UserPassesTestMixin):
+    """Every page: a signed-in admin. Anonymous visitors go to /login/; a signed-in non-admin gets 403."""
+
+    def test_func(self) -> bool:
+        return self.request.user.is_staff
+
+
+def models_with_instances():
+    instances = ModelInstance.objects.select_related("worker").order_by("id")
+    return (Model.objects.annotate(ready_replicas_count=Count("instances", filter=Q(
+        instances__state=InstanceState.RUNNING))).prefetch_related(Prefetch("instances", queryset=instances))
+        .order_by("name"))
+
+
+def state_summary(model: Model) -> list[tuple[str, str, int]]:
+    """(state, its label, how many) for the model's instances, most advanced state first."""
+    counts = Counter(i.state for i in model.instances.all())
+    order = [s for s, _ in InstanceState.choices]
+    return [(state, InstanceState(state).label, counts[state]) for state in sorted(counts, key=order.index)]
+
+
+def model_row_context(model: Model) -> dict:
+    return {"model": model, "instances": list(model.instances.all()), "summary": state_summary(model)}
+
+
+class ModelListView(AdminRequiredMixin, TemplateView):
+    template_name = "models/list.html"
+    extra_context = {"nav": "models"}
+
+    def get_context_data(self, **kwargs):
+        from models_app.live import snapshot
+
+        fingerprints = snapshot()  # first: a change after it makes the live socket send the rows again
+        rows = [{**model_row_context(m), "fingerprint": fingerprints.get(m.pk, "")} for m in models_with_instances()]
+        return {**super().get_context_data(**kwargs), "rows": rows, "sources": SourceChoices.choices}
+
+
+class ModelFormView(AdminRequiredMixin, View):
+    """Deploy (no model) and Edit (a model): the same form, the API's validation, then the actions."""
+
+    template_name = "models/form.html"
+
+    def get(self, request, pk: int | None = None):
+        model = get_object_or_404(Model, pk=pk) if pk else None
+        values = form_values(model)
+        if model is None and request.GET.get("source") in SourceChoices.values:
+            values["source"] = request.GET["source"]
+        return self.render(request, model, values, {})
+
+    def post(self, request, pk: int | None = None):
+        model = get_object_or_404(Model, pk=pk) if pk else None
+        data = model_data_from_post(request.POST)
+        validated, errors = validate_model(data, instance=model, partial=model is not None)
+        if errors:
+            return self.render(request, model, form_values(data), errors, status=400)
+        if model is None:
+            model = actions.do_create_model(**validated)
+            messages.success(request, _("Model %(name)s deployed.") % {"name": model.name})
+        else:
+            actions.do_update_model(model, validated)
+            messages.success(request, _("Model %(name)s saved.") % {"name": model.name})
+        return redirect("models")
+
+    def render(self, request, model: Model | None, values: dict, errors: dict, status: int = 200):
+        return render(request, self.template_name, {
+            "model": model, "values": values, "errors": errors, "sources": SourceChoices.choices,
+            "strategies": PlacementStrategyChoices.choices, "backends": all_backends(), "gpus": cluster_gpus(),
+            "nav": "models",
+        }, status=status)
+
+
+def cluster_gpus() -> list[dict]:
+    """Every GPU of the cluster with what is free on it now (the GPU selector's choices)."""
+    from scheduler_app.scheduler import build_pool
+    from workers_app.models import Worker
+
+    workers = list(Worker.objects.order_by("name"))
+    pool = build_pool(workers)
+    return [{"id": f"{w.name}:{gpu.get('index')}", "name": gpu.get("name", ""),
+             "total": pool[w.id].gpu_total.get(int(gpu.get("index", 0)), 0),
+             "free": max(0, pool[w.id].gpu_free.get(int(gpu.get("index", 0)), 0))}
+            for w in workers for gpu in w.gpus]
+
+
+class ModelEvaluateView(AdminRequiredMixin, View):
+    """The form as it is filled, judged by the scheduler as POST /api/v1/evaluations would: the live fit line."""
+
+    def post(self, request):
+        from scheduler_app.api import evaluate_spec
+        from workers_app.models import Worker
+
+        data = model_data_from_post(request.POST)
+        data["name"] = data["name"] or "evaluation"
+        result = evaluate_spec(data, list(Worker.objects.order_by("id")))
+        return JsonResponse({**result, "summary": fit_summary(result)})
+
+
+def fit_summary(result: dict) -> str:
+    placement = result.get("placement")
+    if not result.get("compatible") or placement is None:
+        return _("Does not fit: %(reason)s") % {"reason": result.get("message", "")}
+    claim = placement["computed_resource_claim"]
+    vram = sum(int(v) for v in (claim.get("vram") or {}).values())
+    where = placement["worker_name"] + (f" (GPU {', '.join(map(str, placement['gpu_indexes']))})"
+                                        if placement["gpu_indexes"] else "")
+    if claim.get("unknown"):
+        return _("Fits on %(where)s; resource claim unknown (the server cannot read the model).") % {"where": where}
+    sizes = {"where": where, "ram": filesizeformat(claim.get("ram") or 0), "vram": filesizeformat(vram)}
+    if not vram:
+        return _("Fits on %(where)s: claims %(ram)s RAM.") % sizes
+    return _("Fits on %(where)s: claims %(ram)s RAM and %(vram)s VRAM.") % sizes
+
+
+class ModelActionView(AdminRequiredMixin, View):
+    """Stop (replicas → 0), Start (replicas → 1), Delete: POST from the Models page."""
+
+    def post(self, request, pk: int, action: str):
+        model = get_object_or_404(Model, pk=pk)
+        if action == "stop":
+            actions.do_scale_model(model, 0)
+            messages.success(request, _("Model %(name)s stopped.") % {"name": model.name})
+        elif action == "start":
+            actions.do_scale_model(model, 1)
+            messages.success(request, _("Model %(name)s started.") % {"name": model.name})
+        elif action == "delete":
+            actions.do_delete_model(model)
+            messages.success(request, _("Model %(name)s deleted.") % {"name": model.name})
+        return redirect("models")
+
+
+class InstanceDeleteView(AdminRequiredMixin, View):
+    def post(self, request, pk: int):
+        instance = get_object_or_404(ModelInstance, pk=pk)
+        actions.do_delete_instance(instance)
+        messages.success(request, _("Instance %(name)s deleted; a new one replaces it.") % {"name": instance.name})
+        return redirect("models")
+
+
+class InstanceLogsView(AdminRequiredMixin, TemplateView):
+    template_name = "models/logs.html"
+    extra_context = {"nav": "models"}
+
+    def get_context_data(self, pk: int, **kwargs):
+        instance = get_object_or_404(ModelInstance.objects.select_related("model", "worker"), pk=pk)
+        return {**super().get_context_data(**kwargs), "instance": instance}
+
+
+class InstanceLogDownloadView(AdminRequiredMixin, View):
+    def get(self, request, pk: int):
+        instance = get_object_or_404(ModelInstance, pk=pk)
+        lines = logs.last_lines(instance.pk, logs.STREAM_MAX_LINES)
+        response = HttpResponse("\n".join(lines) + ("\n" if lines else ""), content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="{instance.name}.log"'
+        return response

@@ -1,10 +1,11 @@
 from django.db import models
+from django.utils.translation import gettext_lazy as _
 
 
 class WorkerState(models.TextChoices):
-    READY = "ready", "Ready"
-    NOT_READY = "not_ready", "Not ready"
-    UNREACHABLE = "unreachable", "Unreachable"
+    READY = "ready", _("Ready")
+    NOT_READY = "not_ready", _("Not ready")
+    UNREACHABLE = "unreachable", _("Unreachable")
 
     @classmethod
     def colour(cls, state: str) -> str:

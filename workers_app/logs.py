@@ -38,6 +38,17 @@ def tail(instance_id: int, n: int) -> list[str] | None:
     return [fields.get("line", "") for _, fields in reversed(entries)]
 
 
+def last_lines(instance_id: int, n: int) -> list[str]:
+    """The last `n` lines from the instance's stream, or without Redis (one process) from the file on this machine."""
+    from workers_app.processes import tail_lines
+
+    lines = tail(instance_id, n)
+    if lines is None:
+        path = settings.DATA_DIR / "logs" / "instances" / f"{instance_id}.log"
+        lines = tail_lines(path, n=n, max_bytes=4 * 1024 * 1024, current_run_only=False)
+    return lines
+
+
 def forget(instance_ids: list[int]) -> None:
     conn = client()
     if conn is None or not instance_ids:

@@ -1,0 +1,70 @@
+"""The Deploy and Edit pages' form: what the browser posts (rows of parameters, env, labels) turned into the API's
+model fields, and a model turned back into rows. Validation is the API's own (models_app.validation)."""
+
+from __future__ import annotations
+
+from django.http import QueryDict
+
+from models_app.choices import CategoryChoices, PlacementStrategyChoices, SourceChoices
+from models_app.models import Model
+
+TEXT_FIELDS = ("name", "description", "huggingface_repo_id", "huggingface_filename", "model_scope_model_id",
+               "model_scope_file_path", "local_path", "backend", "backend_version")
+FLAGS = ("cpu_offloading", "distributed_inference_across_workers", "restart_on_error")
+
+
+def _rows(post: QueryDict, key: str, value: str) -> list[tuple[str, str]]:
+    keys, values = post.getlist(key), post.getlist(value)
+    values += [""] * (len(keys) - len(values))
+    return [(k.strip(), v.strip()) for k, v in zip(keys, values, strict=False) if k.strip() or v.strip()]
+
+
+def model_data_from_post(post: QueryDict) -> dict:
+    """The API's model fields from the page's inputs."""
+    data: dict = {field: post.get(field, "").strip() for field in TEXT_FIELDS}
+    data["source"] = post.get("source", SourceChoices.LOCAL_PATH)
+    data["replicas"] = post.get("replicas", "1").strip() or "1"
+    data["categories"] = [c for c in post.getlist("categories") if c]
+    data["placement_strategy"] = post.get("placement_strategy", PlacementStrategyChoices.SPREAD)
+    data["worker_selector"] = dict(_rows(post, "selector_key", "selector_value"))
+    manual = post.get("scheduling") == "manual"
+    data["gpu_selector"] = {"gpu_ids": post.getlist("gpu_ids")} if manual else None
+    data["backend_parameters"] = [f"{name}={value}" if value else name
+                                  for name, value in _rows(post, "param_name", "param_value")]
+    data["env"] = dict(_rows(post, "env_name", "env_value"))
+    for flag in FLAGS:
+        data[flag] = post.get(flag) == "on"
+    return data
+
+
+def parameter_rows(params: list[str]) -> list[tuple[str, str]]:
+    """`--p=v`, `--flag`, or `--p` then `v` as (parameter, value) rows."""
+    rows: list[tuple[str, str]] = []
+    i = 0
+    while i < len(params):
+        name, eq, value = params[i].partition("=")
+        if not eq and i + 1 < len(params) and not params[i + 1].startswith("-"):
+            value = params[i + 1]
+            i += 1
+        rows.append((name, value))
+        i += 1
+    return rows
+
+
+def form_values(data: dict | Model | None) -> dict:
+    """What the form shows: a model's fields, posted data being corrected, or the defaults of a new model."""
+    if data is None:
+        data = {"source": SourceChoices.HUGGINGFACE, "replicas": 1, "placement_strategy": "spread",
+                "cpu_offloading": True, "distributed_inference_across_workers": True, "restart_on_error": True}
+    if isinstance(data, Model):
+        data = {f: getattr(data, f) for f in (*TEXT_FIELDS, "source", "replicas", "categories", "placement_strategy",
+                                              "worker_selector", "gpu_selector", "backend_parameters", "env", *FLAGS)}
+    gpu_ids = (data.get("gpu_selector") or {}).get("gpu_ids") or []
+    return {**{f: data.get(f, "") for f in TEXT_FIELDS}, **{f: bool(data.get(f)) for f in FLAGS},
+            "source": data.get("source") or SourceChoices.HUGGINGFACE, "replicas": data.get("replicas", 1),
+            "categories": list(data.get("categories") or []), "placement_strategy": data.get("placement_strategy"),
+            "scheduling": "manual" if data.get("gpu_selector") else "auto", "gpu_ids": list(gpu_ids),
+            "selector_rows": list((data.get("worker_selector") or {}).items()) or [("", "")],
+            "param_rows": parameter_rows(list(data.get("backend_parameters") or [])) or [("", "")],
+            "env_rows": list((data.get("env") or {}).items()) or [("", "")],
+            "all_categories": CategoryChoices.choices}

@@ -1,0 +1,76 @@
+"""Resources (SPEC §5): workers with their memory as bars and their labels, which an operator edits here; GPUs."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.translation import gettext as _
+from django.views import View
+from django.views.generic import TemplateView
+
+from models_app.views import AdminRequiredMixin
+from scheduler_app.scheduler import build_pool
+from workers_app import actions
+from workers_app.models import Worker
+from workers_app.serializers import WorkerLabelsSerializer
+
+
+def share(used: int, total: int) -> int:
+    """Percent for a bar, 0..100."""
+    return max(0, min(100, round(100 * used / total))) if total else 0
+
+
+def worker_rows(workers: list[Worker]) -> list[dict]:
+    pool = build_pool(workers)
+    rows = []
+    for worker in workers:
+        memory = worker.status.get("memory") or {}
+        res = pool[worker.id]
+        gpus = []
+        for gpu in worker.gpus:
+            memory_of_gpu = gpu.get("memory") or {}
+            total, used = int(memory_of_gpu.get("total") or 0), int(memory_of_gpu.get("used") or 0)
+            index = int(gpu.get("index", 0))
+            gpus.append({"index": index, "name": gpu.get("name", ""), "total": total, "used": used,
+                         "percent": share(used, total), "claimed": res.gpu_total.get(index, 0)
+                         - res.gpu_free.get(index, 0), "free": res.gpu_free.get(index, 0)})
+        ram_total, ram_used = int(memory.get("total") or 0), int(memory.get("used") or 0)
+        rows.append({"worker": worker, "ram_total": ram_total, "ram_used": ram_used,
+                     "ram_percent": share(ram_used, ram_total), "ram_claimed": res.ram_total - res.ram_free,
+                     "gpus": gpus, "labels": sorted(worker.labels.items())})
+    return rows
+
+
+class ResourcesView(AdminRequiredMixin, TemplateView):
+    template_name = "workers/resources.html"
+    extra_context = {"nav": "resources"}
+
+    def get_context_data(self, **kwargs):
+        rows = worker_rows(list(Worker.objects.order_by("name")))
+        return {**super().get_context_data(**kwargs), "rows": rows, "has_gpus": any(r["gpus"] for r in rows)}
+
+
+class WorkerLabelsView(AdminRequiredMixin, View):
+    """Edit a worker's labels as rows of key and value."""
+
+    template_name = "workers/labels.html"
+
+    def get(self, request, pk: int):
+        worker = get_object_or_404(Worker, pk=pk)
+        rows = sorted(worker.labels.items()) or [("", "")]
+        return render(request, self.template_name, {"worker": worker, "rows": rows, "errors": [], "nav": "resources"})
+
+    def post(self, request, pk: int):
+        worker = get_object_or_404(Worker, pk=pk)
+        keys, values = request.POST.getlist("label_key"), request.POST.getlist("label_value")
+        rows = [(k.strip(), v.strip()) for k, v in zip(keys, values, strict=False) if k.strip() or v.strip()]
+        serializer = WorkerLabelsSerializer(worker, data={"labels": dict(rows)}, partial=True)
+        errors = [] if serializer.is_valid() else [f"{k}: {v}" for k, v in serializer.errors.items()]
+        if any(not k for k, _ in rows):
+            errors.append(_("Every label needs a key."))
+        if errors:
+            return render(request, self.template_name, {"worker": worker, "rows": rows or [("", "")],
+                                                        "errors": errors, "nav": "resources"}, status=400)
+        actions.do_update_worker(worker, {"labels": serializer.validated_data["labels"]})
+        messages.success(request, _("Labels of %(name)s saved.") % {"name": worker.name})
+        return redirect("resources")
