@@ -32,6 +32,8 @@ migrate: venv
 
 # The pages' Simplified Chinese (locale/zh_Hans): compiled from the .po kept in the repo.
 messages: venv
+	@command -v msgfmt >/dev/null || { echo "installing GNU gettext (msgfmt) for the pages' translations"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq gettext; }
 	$(PY) manage.py compilemessages --ignore=.venv --ignore=data --verbosity 0
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is unreachable here).

@@ -43,11 +43,12 @@ class ModelAdminForm(forms.ModelForm):
         editing = self.instance.pk is not None
         fields = self.changed_data if editing else list(cleaned)
         data = {f: cleaned[f] for f in fields if f in cleaned}
-        _validated, errors = validate_model(data, instance=self.instance if editing else None, partial=editing)
+        validated, errors = validate_model(data, instance=self.instance if editing else None, partial=editing)
         for field, problems in errors.items():
             target = field if field in self.fields and field not in self.errors else None
             for problem in problems:
                 self.add_error(target, problem if target else f"{field}: {problem}")
+        cleaned.update({f: v for f, v in validated.items() if f in cleaned})  # "4096", not 4096, as the API stores
         return cleaned
 
 

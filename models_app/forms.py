@@ -7,6 +7,7 @@ from django.http import QueryDict
 
 from models_app.choices import CategoryChoices, PlacementStrategyChoices, SourceChoices
 from models_app.models import Model
+from workers_app.backends.params import as_separate_arguments
 
 TEXT_FIELDS = ("name", "description", "huggingface_repo_id", "huggingface_filename", "model_scope_model_id",
                "model_scope_file_path", "local_path", "backend", "backend_version")
@@ -25,16 +26,31 @@ def model_data_from_post(post: QueryDict) -> dict:
     data["source"] = post.get("source", SourceChoices.LOCAL_PATH)
     data["replicas"] = post.get("replicas", "1").strip() or "1"
     data["categories"] = [c for c in post.getlist("categories") if c]
-    data["placement_strategy"] = post.get("placement_strategy", PlacementStrategyChoices.SPREAD)
-    data["worker_selector"] = dict(_rows(post, "selector_key", "selector_value"))
     manual = post.get("scheduling") == "manual"
+    if not manual:  # Manual scheduling hides (and the browser does not send) the strategy and the selector
+        data["placement_strategy"] = post.get("placement_strategy", PlacementStrategyChoices.SPREAD)
+        data["worker_selector"] = dict(_rows(post, "selector_key", "selector_value"))
     data["gpu_selector"] = {"gpu_ids": post.getlist("gpu_ids")} if manual else None
-    data["backend_parameters"] = [f"{name}={value}" if value else name
-                                  for name, value in _rows(post, "param_name", "param_value")]
+    data["backend_parameters"] = [item for name, value in _rows(post, "param_name", "param_value")
+                                  for item in ([name, value] if value else [name])]
     data["env"] = dict(_rows(post, "env_name", "env_value"))
     for flag in FLAGS:
         data[flag] = post.get(flag) == "on"
     return data
+
+
+def changed_fields(model: Model, validated: dict) -> dict:
+    """The fields an edit really changes: a form posts every field, in its own spelling (`--p v` for `--p=v`,
+    categories in their list order), and an unchanged one must not make running instances outdated."""
+    def same(name: str, value) -> bool:
+        stored = getattr(model, name)
+        if name == "backend_parameters":
+            return as_separate_arguments(list(stored or [])) == as_separate_arguments(list(value or []))
+        if name == "categories":
+            return sorted(stored or []) == sorted(value or [])
+        return stored == value
+
+    return {name: value for name, value in validated.items() if not same(name, value)}
 
 
 def parameter_rows(params: list[str]) -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from http.cookies import SimpleCookie
+import logging
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -21,7 +21,9 @@ from django.utils.translation.trans_real import get_supported_language_variant, 
 from models_app.consumers import staff_user
 from models_app.models import Model, ModelInstance
 
+logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
+FAILURES_BEFORE_CLOSING = 5  # then the page reconnects (and shows that it is not live meanwhile)
 _SHOWN = ("state", "state_message", "download_progress", "restart_count", "next_restart_at", "port", "worker_id",
           "gpu_indexes", "config_version", "error_kind", "name")
 
@@ -52,8 +54,8 @@ def render_model(model_id: int, fingerprint: str, language: str, csrf_token: str
 def scope_language(scope) -> str:
     """The page's language: the switch's cookie, else the browser's Accept-Language, else the default."""
     headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-    cookies = SimpleCookie(headers.get("cookie", ""))
-    wanted = [cookies[settings.LANGUAGE_COOKIE_NAME].value] if settings.LANGUAGE_COOKIE_NAME in cookies else []
+    cookies = scope.get("cookies") or {}  # parsed by Channels as Django parses them (tolerant of odd cookies)
+    wanted = [cookies[settings.LANGUAGE_COOKIE_NAME]] if settings.LANGUAGE_COOKIE_NAME in cookies else []
     wanted += [code for code, _ in parse_accept_lang_header(headers.get("accept-language", ""))]
     for code in wanted:
         try:
@@ -64,9 +66,7 @@ def scope_language(scope) -> str:
 
 
 def scope_csrf(scope) -> str:
-    headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
-    cookies = SimpleCookie(headers.get("cookie", ""))
-    return cookies[settings.CSRF_COOKIE_NAME].value if settings.CSRF_COOKIE_NAME in cookies else ""
+    return (scope.get("cookies") or {}).get(settings.CSRF_COOKIE_NAME, "")
 
 
 class ModelsLiveConsumer(AsyncWebsocketConsumer):
@@ -95,13 +95,27 @@ class ModelsLiveConsumer(AsyncWebsocketConsumer):
             self.watcher.cancel()
 
     async def _watch(self, seen: dict[int, str]) -> None:
+        failures = 0
         while True:
-            now = await database_sync_to_async(snapshot)()
-            for model_id in sorted(set(seen) - set(now)):
-                await self.send(text_data=json.dumps({"type": "removed", "id": model_id}))
-            for model_id in sorted(pk for pk, fingerprint in now.items() if seen.get(pk) != fingerprint):
-                html = await database_sync_to_async(render_model)(model_id, now[model_id], self.language, self.csrf)
-                if html is not None:
-                    await self.send(text_data=json.dumps({"type": "model", "id": model_id, "html": html}))
-            seen = now
+            try:
+                seen = await self._push_changes(seen)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a dropped database connection, say: try again, then let the page reconnect
+                failures += 1
+                logger.exception("live models: a pass failed (%s in a row)", failures)
+                if failures >= FAILURES_BEFORE_CLOSING:
+                    await self.close(code=1011)
+                    return
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _push_changes(self, seen: dict[int, str]) -> dict[int, str]:
+        now = await database_sync_to_async(snapshot)()
+        for model_id in sorted(set(seen) - set(now)):
+            await self.send(text_data=json.dumps({"type": "removed", "id": model_id}))
+        for model_id in sorted(pk for pk, fingerprint in now.items() if seen.get(pk) != fingerprint):
+            html = await database_sync_to_async(render_model)(model_id, now[model_id], self.language, self.csrf)
+            if html is not None:
+                await self.send(text_data=json.dumps({"type": "model", "id": model_id, "html": html}))
+        return now

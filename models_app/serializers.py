@@ -58,6 +58,11 @@ class ModelSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["config_version", "created_at", "updated_at"]
 
+    def validate_worker_selector(self, value):
+        if any(not str(key).strip() for key in value):
+            raise serializers.ValidationError("every label in the selector needs a key")
+        return value
+
     def validate_gpu_selector(self, value):
         if value in (None, {}):
             return None

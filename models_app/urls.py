@@ -1,4 +1,4 @@
-from django.urls import path
+from django.urls import path, re_path
 
 from models_app import views
 from workers_app.views import ResourcesView, WorkerLabelsView
@@ -8,7 +8,8 @@ urlpatterns = [
     path("models/deploy/", views.ModelFormView.as_view(), name="model-deploy"),
     path("models/evaluate/", views.ModelEvaluateView.as_view(), name="model-evaluate"),
     path("models/<int:pk>/edit/", views.ModelFormView.as_view(), name="model-edit"),
-    path("models/<int:pk>/<str:action>/", views.ModelActionView.as_view(), name="model-action"),
+    re_path(r"^models/(?P<pk>\d+)/(?P<action>stop|start|delete)/$", views.ModelActionView.as_view(),
+            name="model-action"),
     path("instances/<int:pk>/delete/", views.InstanceDeleteView.as_view(), name="instance-delete"),
     path("instances/<int:pk>/logs/", views.InstanceLogsView.as_view(), name="instance-logs"),
     path("instances/<int:pk>/logs/download", views.InstanceLogDownloadView.as_view(), name="instance-log-download"),

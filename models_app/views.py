@@ -11,13 +11,14 @@ from django.db.models import Count, Prefetch, Q
 from django.http import HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
+from django.utils.http import content_disposition_header
 from django.utils.translation import gettext as _
 from django.views import View
 from django.views.generic import TemplateView
 
 from models_app import actions
 from models_app.choices import InstanceState, PlacementStrategyChoices, SourceChoices
-from models_app.forms import form_values, model_data_from_post
+from models_app.forms import changed_fields, form_values, model_data_from_post
 from models_app.models import Model, ModelInstance
 from models_app.validation import validate_model
 from workers_app import logs
@@ -83,7 +84,7 @@ class ModelFormView(AdminRequiredMixin, View):
             model = actions.do_create_model(**validated)
             messages.success(request, _("Model %(name)s deployed.") % {"name": model.name})
         else:
-            actions.do_update_model(model, validated)
+            actions.do_update_model(model, changed_fields(model, validated))
             messages.success(request, _("Model %(name)s saved.") % {"name": model.name})
         return redirect("models")
 
@@ -176,5 +177,5 @@ class InstanceLogDownloadView(AdminRequiredMixin, View):
         instance = get_object_or_404(ModelInstance, pk=pk)
         lines = logs.last_lines(instance.pk, logs.STREAM_MAX_LINES)
         response = HttpResponse("\n".join(lines) + ("\n" if lines else ""), content_type="text/plain; charset=utf-8")
-        response["Content-Disposition"] = f'attachment; filename="{instance.name}.log"'
+        response["Content-Disposition"] = content_disposition_header(True, f"{instance.name}.log")
         return response

@@ -14,10 +14,12 @@ from workers_app.models import Worker
 
 def merged_labels(current: dict, reported_before: dict, reported: dict) -> dict:
     """Labels a worker reports (its command line) are added; they never erase or overwrite what an operator set.
-    A reported label the operator left as it was follows the worker's new value."""
-    merged = dict(current)
+    A reported label the operator left as it was follows the worker: its new value, or gone when it is no longer
+    reported."""
+    untouched = {k for k, v in reported_before.items() if current.get(k) == v}
+    merged = {k: v for k, v in current.items() if k not in untouched or k in reported}
     for key, value in reported.items():
-        if key not in current or current[key] == reported_before.get(key):
+        if key not in current or key in untouched:
             merged[key] = value
     return merged
 

@@ -79,7 +79,8 @@ def system_status() -> dict:
     memory = psutil.virtual_memory()
     gpus = nvidia_gpus()
     return {
-        "cpu": {"total": psutil.cpu_count(logical=True) or 1},
+        # Utilization since the previous report (the first one reads 0): the Resources page shows it as a bar.
+        "cpu": {"total": psutil.cpu_count(logical=True) or 1, "utilization": round(psutil.cpu_percent(interval=None))},
         "memory": {"total": int(memory.total), "used": int(memory.total - memory.available)},
         "gpus": gpus,
         "backends": backend_capabilities(node_info(gpus)),

@@ -8,6 +8,7 @@ from django.utils.translation import gettext as _
 from django.views import View
 from django.views.generic import TemplateView
 
+from models_app.validation import flatten_errors
 from models_app.views import AdminRequiredMixin
 from scheduler_app.scheduler import build_pool
 from workers_app import actions
@@ -35,7 +36,9 @@ def worker_rows(workers: list[Worker]) -> list[dict]:
                          "percent": share(used, total), "claimed": res.gpu_total.get(index, 0)
                          - res.gpu_free.get(index, 0), "free": res.gpu_free.get(index, 0)})
         ram_total, ram_used = int(memory.get("total") or 0), int(memory.get("used") or 0)
-        rows.append({"worker": worker, "ram_total": ram_total, "ram_used": ram_used,
+        cpu = worker.status.get("cpu") or {}
+        rows.append({"worker": worker, "cpu_percent": max(0, min(100, int(cpu.get("utilization") or 0))),
+                     "ram_total": ram_total, "ram_used": ram_used,
                      "ram_percent": share(ram_used, ram_total), "ram_claimed": res.ram_total - res.ram_free,
                      "gpus": gpus, "labels": sorted(worker.labels.items())})
     return rows
@@ -65,7 +68,8 @@ class WorkerLabelsView(AdminRequiredMixin, View):
         keys, values = request.POST.getlist("label_key"), request.POST.getlist("label_value")
         rows = [(k.strip(), v.strip()) for k, v in zip(keys, values, strict=False) if k.strip() or v.strip()]
         serializer = WorkerLabelsSerializer(worker, data={"labels": dict(rows)}, partial=True)
-        errors = [] if serializer.is_valid() else [f"{k}: {v}" for k, v in serializer.errors.items()]
+        errors = [] if serializer.is_valid() else [f"{k}: {m}" for k, v in serializer.errors.items()
+                                                   for m in flatten_errors(v)]
         if any(not k for k, _ in rows):
             errors.append(_("Every label needs a key."))
         if errors:

@@ -7,7 +7,7 @@ from django.template.defaultfilters import filesizeformat
 from django.utils.formats import number_format
 from django.utils.html import format_html
 
-from models_app.choices import InstanceState
+from models_app.choices import CategoryChoices, InstanceState
 from workers_app.choices import WorkerState
 
 register = template.Library()
@@ -40,3 +40,8 @@ def size(n) -> str:
 @register.filter
 def get_item(mapping, key):
     return (mapping or {}).get(key) or []
+
+
+@register.filter
+def category_label(value: str) -> str:
+    return CategoryChoices(value).label if value in CategoryChoices.values else value

@@ -269,7 +269,10 @@
     socket(log.dataset.live, (line) => {
       log.append(document.createTextNode(line + "\n"));
       if (follow.checked) log.scrollTop = log.scrollHeight;
-    }, (state) => { status.textContent = state === "open" ? "● live" : "○ reconnecting"; });
+    }, (state) => {
+      if (state === "open") log.replaceChildren();  // each connection starts with the backlog again
+      status.textContent = state === "open" ? status.dataset.live : status.dataset.reconnecting;
+    });
     log.addEventListener("scroll", () => {
       follow.checked = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
     });

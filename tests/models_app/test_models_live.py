@@ -43,7 +43,7 @@ def session_headers(user, language="en") -> list[tuple[bytes, bytes]]:
     client = Client()
     client.force_login(user)
     cookie = f"sessionid={client.cookies['sessionid'].value}; django_language={language}; csrftoken={'c' * 32}"
-    return [(b"cookie", cookie.encode()), (b"origin", b"http://testserver")]
+    return [(b"cookie", cookie.encode()), (b"origin", b"http://testserver"), (b"host", b"testserver")]
 
 
 def test_changed_models_arrive_rendered_and_deleted_ones_are_named(admin_user):
@@ -71,6 +71,15 @@ def test_changed_models_arrive_rendered_and_deleted_ones_are_named(admin_user):
     assert "下载中 42%" in first["html"]  # the reader's language
     assert f'name="csrfmiddlewaretoken" value="{"c" * 32}"' in first["html"]  # its buttons still post
     assert second == {"type": "removed", "id": quiet.pk}
+
+
+def test_a_page_of_another_origin_is_refused_even_with_the_admins_cookie(admin_user):
+    headers = [h for h in session_headers(admin_user) if h[0] != b"origin"] + [(b"origin", b"http://evil:9999")]
+
+    async def conversation():
+        return await Socket("/ws/models", headers=headers).connect()
+
+    assert async_to_sync(conversation)() == (False, 4403)
 
 
 def test_only_admins_may_listen():

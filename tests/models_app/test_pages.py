@@ -41,6 +41,27 @@ def test_anonymous_visits_go_to_sign_in_and_non_admins_are_refused(path):
     assert user.get(path).status_code == 403
 
 
+def test_only_admins_may_sign_in():
+    get_user_model().objects.create_user("clerk", password="pw")
+    response = Client().post("/login/", {"username": "clerk", "password": "pw"})
+    assert response.status_code == 200 and "_auth_user_id" not in response.wsgi_request.session
+
+
+def test_an_edit_that_changes_nothing_outdates_nothing(client, gguf):
+    model = actions.do_create_model(name="paged", source="local_path", local_path=str(gguf), replicas=1,
+                                    backend_parameters=["--ctx-size=512", "--jinja"], categories=["llm"],
+                                    gpu_selector={"gpu_ids": ["g:0"]}, worker_selector={"zone": "a"})
+    rows = client.get(f"/models/{model.pk}/edit/").context["values"]["param_rows"]
+    form = deploy_form(gguf, scheduling="manual", gpu_ids=["g:0"], categories=["llm"], replicas="1",
+                       param_name=[n for n, _ in rows], param_value=[v for _, v in rows],
+                       env_name=[], env_value=[], cpu_offloading="on", distributed_inference_across_workers="on",
+                       selector_key=[], selector_value=[])
+    assert client.post(f"/models/{model.pk}/edit/", form).status_code == 302
+    model.refresh_from_db()
+    # Manual scheduling sent no strategy or selector: the stored ones stay; the parameters are the same ones.
+    assert (model.config_version, model.worker_selector) == (1, {"zone": "a"})
+
+
 def test_forms_need_their_csrf_token(admin_user, gguf):
     strict = Client(enforce_csrf_checks=True)
     strict.force_login(admin_user)
@@ -53,7 +74,7 @@ def test_deploy_form_creates_the_model_the_api_would(client, gguf):
     assert response.status_code == 302 and response["Location"] == "/"
     model = Model.objects.get(name="paged")
     assert (model.replicas, model.placement_strategy, model.worker_selector) == (2, "binpack", {"zone": "a"})
-    assert model.backend_parameters == ["--ctx-size=512", "--jinja"] and model.env == {"OMP_NUM_THREADS": "2"}
+    assert model.backend_parameters == ["--ctx-size", "512", "--jinja"] and model.env == {"OMP_NUM_THREADS": "2"}
     assert (model.cpu_offloading, model.restart_on_error, model.gpu_selector) == (False, True, None)
     assert ModelInstance.objects.filter(model=model).count() == 2
 

@@ -27,7 +27,14 @@ def test_operator_labels_survive_reregistration_and_reported_ones_are_added(api)
     assert again.labels == {"zone": "b", "rack": "2", "team": "blue", "disk": "ssd"}
 
 
-def test_labels_edited_on_the_resources_page_survive_too(client=None):
+def test_a_label_dropped_from_the_command_line_goes_unless_an_operator_changed_it():
+    register({"zone": "a", "rack": "1"})
+    worker = Worker.objects.get(name="w")
+    actions.do_update_worker(worker, {"labels": {"zone": "b", "rack": "1"}})
+    assert register({}).labels == {"zone": "b"}
+
+
+def test_labels_edited_on_the_resources_page_survive_too():
     worker = register({})
     actions.do_update_worker(worker, {"labels": {"gpu": "h100"}})
     assert register({}).labels == {"gpu": "h100"}

@@ -8,10 +8,10 @@ def flag_names(params: list[str]) -> set[str]:
 
 
 def as_separate_arguments(params: list[str]) -> list[str]:
-    """`--p=v` as `--p`, `v`: llama.cpp's parser (and some others) take only the separate form."""
+    """`--p=v` (or `-p=v`) as `--p`, `v`: llama.cpp's parser (and some others) take only the separate form."""
     out = []
     for item in params:
-        if item.startswith("--") and "=" in item:
+        if item.startswith("-") and "=" in item and not _is_number(item.partition("=")[0]):
             flag, _, value = item.partition("=")
             out += [flag, value]
         else:
