@@ -30,6 +30,10 @@ BACKEND_START_TIMEOUT = env_float("AIMIND_BACKEND_START_TIMEOUT", 600.0, minimum
 RESTART_BACKOFF_BASE = env_float("AIMIND_RESTART_BACKOFF_BASE", 10.0, minimum=0.0)
 RESTART_BACKOFF_MAX = env_float("AIMIND_RESTART_BACKOFF_MAX", 300.0, minimum=0.0)
 RESTART_RESET_AFTER = env_float("AIMIND_RESTART_RESET_AFTER", 600.0, minimum=1.0)
+# An instance analysing, scheduled or preparing with no progress for this long is placed again (its scheduler was
+# killed, its launch lost, its worker died mid-install); workers note their downloads and installs alive.
+STUCK_AFTER = env_float("AIMIND_STUCK_AFTER", 300.0, minimum=5.0)
+EVENT_RETENTION_DAYS = env_float("AIMIND_EVENT_RETENTION_DAYS", 14.0, minimum=0.01)
 BACKEND_PORT_RANGE = (env_int("AIMIND_BACKEND_PORT_MIN", 40000, minimum=1024, maximum=65535),
                       env_int("AIMIND_BACKEND_PORT_MAX", 41000, minimum=1024, maximum=65535))
 
@@ -157,6 +161,10 @@ CELERY_BEAT_SCHEDULE = {
                            "options": {"queue": "scheduler", "expires": 10}},
     "schedule-pending-instances": {"task": "scheduler_app.tasks.schedule_pending_instances", "schedule": 15.0,
                                    "options": {"queue": "scheduler", "expires": 15}},
+    "sweep-stuck-instances": {"task": "scheduler_app.tasks.sweep_stuck_instances",
+                              "schedule": min(30.0, STUCK_AFTER / 3), "options": {"queue": "scheduler", "expires": 30}},
+    "prune-instance-events": {"task": "scheduler_app.tasks.prune_instance_events", "schedule": 3600.0,
+                              "options": {"queue": "scheduler", "expires": 3600}},
 }
 
 CHANNEL_LAYERS = {

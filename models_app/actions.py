@@ -1,16 +1,13 @@
-"""The only code that changes a model's or an instance's state. API, admin, pages and tasks call these."""
+"""Changes to models: create, edit, scale, delete (and so which instances exist). API, admin, pages and tasks call
+these; an instance's state changes only through models_app.lifecycle."""
 
 from __future__ import annotations
 
 import logging
 import secrets
 from collections.abc import Iterable
-from datetime import timedelta
 
-from django.conf import settings
 from django.db import transaction
-from django.db.models import F
-from django.utils import timezone
 
 from models_app.choices import ErrorKind, InstanceState
 from models_app.models import Model, ModelInstance
@@ -25,13 +22,6 @@ def _victim_order(instance: ModelInstance) -> tuple:
     """Scale-down victims, least useful first: broken, waiting, starting, then running;
     CPU-offloaded before fully GPU-resident; the newest first."""
     return _STATE_USEFULNESS.get(instance.state, 2), not instance.offloads_to_cpu, -instance.pk
-
-
-def restart_delay(restart_count: int) -> float:
-    """Seconds before the next restart: the first at once, then base, 2×base, 4×base …, capped."""
-    if restart_count <= 0:
-        return 0.0
-    return min(settings.RESTART_BACKOFF_BASE * 2 ** (restart_count - 1), settings.RESTART_BACKOFF_MAX)
 
 
 def _after_commit_schedule(instance_ids: Iterable[int]) -> None:
@@ -147,101 +137,3 @@ def do_delete_model(model: Model) -> None:
     model.replicas = 0
     do_sync_replicas(model)
     Model.objects.filter(pk=model.pk).delete()
-
-
-PERMANENT_SUFFIX = " (not restarted automatically: edit the model or delete the instance to try again)"
-
-
-def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iterable[str],
-                     permanent: bool = False) -> bool:
-    """The instance failed: `error`. A transient failure books its restart (if the model wants one) as data, not a
-    timer. A permanent one (bad arguments, missing file, unknown version) books none and releases its claim, so
-    other instances may use the memory; editing the model or deleting the instance gives it another try."""
-    if permanent:
-        failed = do_set_instance_state(instance, InstanceState.ERROR, from_states=from_states,
-                                       message=message + PERMANENT_SUFFIX, error_kind=ErrorKind.PERMANENT, pid=None,
-                                       running_since=None, next_restart_at=None)
-        if failed:
-            schedule_pending_after_commit()
-        return failed
-    restart = Model.objects.filter(pk=instance.model_id, restart_on_error=True).exists()
-    next_at = timezone.now() + timedelta(seconds=restart_delay(instance.restart_count)) if restart else None
-    return do_set_instance_state(instance, InstanceState.ERROR, from_states=from_states, message=message,
-                                 error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=next_at)
-
-
-def do_restart_instance(instance: ModelInstance) -> bool:
-    """An errored instance whose restart is due starts again on the same worker."""
-    now = timezone.now()
-    updated = ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.ERROR).exclude(
-        error_kind=ErrorKind.PERMANENT).update(
-        state=InstanceState.SCHEDULED, restart_count=F("restart_count") + 1, last_restart_at=now,
-        next_restart_at=None, error_kind="", updated_at=now,
-        state_message=f"restarting after: {instance.state_message}"[:2000])
-    if updated:
-        instance.refresh_from_db()
-        logger.info("instance %s restarting (restart #%s)", instance.name, instance.restart_count)
-    return bool(updated)
-
-
-def do_mark_running(instance: ModelInstance, message: str = "") -> bool:
-    return do_set_instance_state(instance, InstanceState.RUNNING, from_states=[InstanceState.STARTING],
-                                 message=message, running_since=timezone.now())
-
-
-def do_forgive_restarts(instance: ModelInstance) -> bool:
-    """Running cleanly for RESTART_RESET_AFTER seconds: the next failure restarts at once again."""
-    cutoff = timezone.now() - timedelta(seconds=settings.RESTART_RESET_AFTER)
-    return bool(ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.RUNNING, running_since__lte=cutoff,
-                                             restart_count__gt=0).update(restart_count=0))
-
-
-def do_move_off_lost_worker(worker_name: str, instance_ids: list[int]) -> int:
-    """Instances of a worker that stopped answering: shown unreachable, then placed again elsewhere.
-    The old worker ends their processes when it returns (they are no longer its instances)."""
-    moved = ModelInstance.objects.filter(pk__in=instance_ids, state=InstanceState.UNREACHABLE).update(
-        state=InstanceState.PENDING, worker=None, pid=None, port=None, gpu_indexes=[], computed_resource_claim={},
-        running_since=None, error_kind="", updated_at=timezone.now(),
-        state_message=f"worker {worker_name} stopped answering; placing the instance elsewhere")
-    if moved:
-        schedule_pending_after_commit()
-    return moved
-
-
-def schedule_pending_after_commit() -> None:
-    """Once this transaction commits, give every pending instance another try (resources may have appeared)."""
-
-    def send() -> None:
-        from scheduler_app.tasks import schedule_pending_instances
-
-        schedule_pending_instances.delay()
-
-    transaction.on_commit(send)
-
-
-def do_set_instance_state(
-    instance: ModelInstance,
-    state: str,
-    *,
-    from_states: Iterable[str] | None = None,
-    on_worker: str | None = None,
-    message: str = "",
-    **fields,
-) -> bool:
-    """Conditional update: applies only if the instance is still in one of `from_states` (and, given `on_worker`,
-    still placed on that worker). True if applied."""
-    query = ModelInstance.objects.filter(pk=instance.pk)
-    if from_states is not None:
-        query = query.filter(state__in=list(from_states))
-    if on_worker is not None:
-        query = query.filter(worker__name=on_worker)
-    if state != InstanceState.ERROR:
-        fields.setdefault("error_kind", "")
-    updated = query.update(state=state, state_message=message, updated_at=timezone.now(), **fields)
-    if updated:
-        instance.state = state
-        instance.state_message = message
-        for name, value in fields.items():
-            setattr(instance, name, value)
-        logger.info("instance %s -> %s %s", instance.name, state, message)
-    return bool(updated)

@@ -10,7 +10,7 @@ from rest_framework.response import Response
 from models_app import actions
 from models_app.choices import InstanceState
 from models_app.models import Model, ModelInstance
-from models_app.serializers import ModelInstanceSerializer, ModelSerializer
+from models_app.serializers import InstanceEventSerializer, ModelInstanceSerializer, ModelSerializer
 from workers_app import logs
 
 
@@ -61,6 +61,13 @@ class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mix
 
     def perform_destroy(self, instance):
         actions.do_delete_instance(instance)
+
+    @extend_schema(responses=InstanceEventSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def events(self, request, pk=None):
+        """The instance's history: every transition, oldest first (kept for AIMIND_EVENT_RETENTION_DAYS)."""
+        instance = self.get_object()
+        return Response(InstanceEventSerializer(instance.events.order_by("id"), many=True).data)
 
     @extend_schema(parameters=[TailQuery], responses={(200, "text/plain"): str})
     @action(detail=True, methods=["get"])

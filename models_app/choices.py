@@ -58,6 +58,26 @@ class InstanceState(models.TextChoices):
         """States in which an instance holds (or is about to hold) a process on its worker."""
         return [cls.SCHEDULED, cls.INITIALIZING, cls.DOWNLOADING, cls.STARTING, cls.RUNNING]
 
+    @classmethod
+    def sources(cls, target: str) -> frozenset[str]:
+        """The states from which an instance may move to `target`."""
+        return frozenset(s for s, targets in INSTANCE_TRANSITIONS.items() if target in targets)
+
+
+_S = InstanceState
+# Every move an instance may make, declared once: the lifecycle's one transition function refuses any other.
+INSTANCE_TRANSITIONS: dict[str, frozenset[str]] = {
+    _S.PENDING: frozenset({_S.ANALYZING}),
+    _S.ANALYZING: frozenset({_S.PENDING, _S.SCHEDULED, _S.ERROR}),  # no fit / placed / unreadable model
+    _S.SCHEDULED: frozenset({_S.DOWNLOADING, _S.INITIALIZING, _S.STARTING, _S.ERROR, _S.UNREACHABLE, _S.PENDING}),
+    _S.DOWNLOADING: frozenset({_S.INITIALIZING, _S.STARTING, _S.ERROR, _S.UNREACHABLE, _S.SCHEDULED, _S.PENDING}),
+    _S.INITIALIZING: frozenset({_S.STARTING, _S.ERROR, _S.UNREACHABLE, _S.SCHEDULED, _S.PENDING}),
+    _S.STARTING: frozenset({_S.RUNNING, _S.ERROR, _S.UNREACHABLE, _S.SCHEDULED, _S.PENDING}),
+    _S.RUNNING: frozenset({_S.ERROR, _S.UNREACHABLE, _S.SCHEDULED, _S.PENDING}),
+    _S.ERROR: frozenset({_S.SCHEDULED, _S.UNREACHABLE, _S.PENDING}),  # restart / worker lost / worker removed
+    # placed elsewhere / its worker came back (restarted: start again; still running it: running; it died: error)
+    _S.UNREACHABLE: frozenset({_S.PENDING, _S.SCHEDULED, _S.RUNNING, _S.ERROR}),
+}
 
 _STATE_COLOURS = {
     InstanceState.PENDING: "#6c757d",

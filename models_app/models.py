@@ -128,3 +128,22 @@ class ModelInstance(models.Model):
     def offloads_to_cpu(self) -> bool:
         claim = self.computed_resource_claim or {}
         return int(claim.get("offload_layers") or 0) < int(claim.get("total_layers") or 0)
+
+
+class InstanceEvent(models.Model):
+    """One transition in an instance's history: when, from which state to which, why, and what it said."""
+
+    instance = models.ForeignKey(ModelInstance, on_delete=models.CASCADE, related_name="events")
+    time = models.DateTimeField(auto_now_add=True, db_index=True)
+    from_state = models.CharField(max_length=16, choices=InstanceState.choices)
+    to_state = models.CharField(max_length=16, choices=InstanceState.choices)
+    cause = models.CharField(max_length=32, help_text="What happened, in one word (placed, failed, restart, …).")
+    message = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name = _("Instance event")
+        verbose_name_plural = _("Instance events")
+
+    def __str__(self) -> str:
+        return f"{self.instance_id}: {self.from_state} → {self.to_state} ({self.cause})"

@@ -6,7 +6,7 @@ from pathlib import Path
 from rest_framework import serializers
 
 from models_app.choices import CategoryChoices, SourceChoices
-from models_app.models import Model, ModelInstance
+from models_app.models import InstanceEvent, Model, ModelInstance
 from models_app.sources.local import looks_gguf
 from workers_app import backends
 from workers_app.backends.base import version_problem
@@ -128,4 +128,11 @@ class ModelInstanceSerializer(serializers.ModelSerializer):
             "computed_resource_claim", "distributed_servers", "config_version", "outdated", "running_since",
             "created_at", "updated_at",
         ]
+        read_only_fields = fields
+
+
+class InstanceEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = InstanceEvent
+        fields = ["time", "from_state", "to_state", "cause", "message"]
         read_only_fields = fields

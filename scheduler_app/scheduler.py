@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 
 from django.db import transaction
-from django.utils import timezone
 
-from models_app.actions import do_fail_instance, do_set_instance_state
 from models_app.choices import InstanceState
+from models_app.lifecycle import do_begin_analysis, do_fail_instance, do_place, do_wait_for_room
 from models_app.models import Model, ModelInstance
 from scheduler_app.estimate import EstimateError, ModelEstimate, estimate_model
 from scheduler_app.resources import WorkerResources, claims_by_worker, worker_resources
@@ -39,8 +38,7 @@ def _claim_for_analysis(instance_ids: list[int]) -> list[ModelInstance]:
     with transaction.atomic():
         ids = list(ModelInstance.objects.select_for_update(skip_locked=True)
                    .filter(pk__in=instance_ids, state=InstanceState.PENDING).values_list("pk", flat=True))
-        ModelInstance.objects.filter(pk__in=ids, state=InstanceState.PENDING).update(
-            state=InstanceState.ANALYZING, state_message="reading model metadata", updated_at=timezone.now())
+        ids = do_begin_analysis(ids)
     return list(ModelInstance.objects.select_related("model").filter(pk__in=ids).order_by("id"))
 
 
@@ -55,6 +53,10 @@ def _estimates(instances: list[ModelInstance]) -> dict[int, ModelEstimate | Esti
         except EstimateError as exc:
             found[model.pk] = exc
             continue
+        except Exception as exc:  # one model's surprise must not strand the others of the pass
+            logger.exception("estimating model %s failed", model.name)
+            found[model.pk] = EstimateError(f"estimating failed: {type(exc).__name__}: {exc}", retry=True)
+            continue
         changed = {}
         if not model.categories and est.categories:
             changed["categories"] = est.categories
@@ -66,43 +68,35 @@ def _estimates(instances: list[ModelInstance]) -> dict[int, ModelEstimate | Esti
 
 
 def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
-    """Place these instances if they are pending. Returns each one's state afterwards."""
+    """Place these instances if they are pending. Returns each one's state afterwards. Whatever happens, none is
+    left `analyzing`: an instance the pass could not finish goes back to pending (a killed scheduler's are
+    returned by the stuck sweep)."""
     instances = _claim_for_analysis(instance_ids)
-    estimates = _estimates(instances)
     outcome: dict[int, str] = {}
+    try:
+        _place_all(instances, _estimates(instances), outcome)
+    finally:
+        for instance in instances:
+            if instance.pk not in outcome:
+                do_wait_for_room(instance, "scheduling was interrupted; asking again shortly", cause="interrupted")
+    return outcome
+
+
+def _place_all(instances: list[ModelInstance], estimates: dict, outcome: dict[int, str]) -> None:
     launches: list[tuple[int, str]] = []
     with transaction.atomic():
         # Lock the workers (in id order) so concurrent schedulers never book the same free memory twice.
         workers = list(Worker.objects.select_for_update().order_by("id"))
         session = PlacementSession(workers, build_pool(workers, [i.pk for i in instances]))
         for instance in instances:
-            est = estimates[instance.model_id]
-            if isinstance(est, EstimateError):
-                if est.retry:
-                    do_set_instance_state(instance, InstanceState.PENDING, from_states=[InstanceState.ANALYZING],
-                                          message=f"{est}; asking again shortly")
-                else:
-                    do_fail_instance(instance, str(est), from_states=[InstanceState.ANALYZING], permanent=True)
-                outcome[instance.pk] = InstanceState.PENDING if est.retry else InstanceState.ERROR
-                continue
-            result = session.place(instance.model, est)
-            chosen = result.candidate
-            if chosen is None:
-                do_set_instance_state(instance, InstanceState.PENDING, from_states=[InstanceState.ANALYZING],
-                                      message=result.message)
+            try:
+                with transaction.atomic():  # a savepoint: one instance's failure leaves the others' work intact
+                    outcome[instance.pk] = _place_one(instance, estimates[instance.model_id], session, launches)
+            except Exception as exc:
+                logger.exception("placing instance %s failed", instance.name)
+                do_wait_for_room(instance, f"scheduling failed: {type(exc).__name__}: {exc}; asking again shortly",
+                                 cause="scheduler_error")
                 outcome[instance.pk] = InstanceState.PENDING
-                continue
-            if do_set_instance_state(instance, InstanceState.SCHEDULED, from_states=[InstanceState.ANALYZING],
-                                     message=result.message, worker=chosen.resources.worker,
-                                     gpu_indexes=chosen.gpu_indexes, computed_resource_claim=chosen.claim,
-                                     distributed_servers=[], backend=est.backend,
-                                     backend_version=instance.model.backend_version
-                                     or get_backend(est.backend).default_version):
-                session.book(chosen)
-                launches.append((instance.pk, chosen.resources.worker.queue))
-                outcome[instance.pk] = InstanceState.SCHEDULED
-            else:
-                outcome[instance.pk] = "gone"
 
         def launch() -> None:
             from workers_app.tasks import launch_instance
@@ -111,7 +105,28 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
                 launch_instance.apply_async(args=[instance_id], queue=queue)
 
         transaction.on_commit(launch)
-    return outcome
+
+
+def _place_one(instance: ModelInstance, est, session: PlacementSession, launches: list) -> str:
+    if isinstance(est, EstimateError):
+        if est.retry:
+            do_wait_for_room(instance, f"{est}; asking again shortly", cause="hub_unreachable")
+            return InstanceState.PENDING
+        do_fail_instance(instance, str(est), from_states=[InstanceState.ANALYZING], permanent=True)
+        return InstanceState.ERROR
+    result = session.place(instance.model, est)
+    chosen = result.candidate
+    if chosen is None:
+        do_wait_for_room(instance, result.message)
+        return InstanceState.PENDING
+    version = instance.model.backend_version or get_backend(est.backend).default_version
+    if not do_place(instance, result.message, worker=chosen.resources.worker, gpu_indexes=chosen.gpu_indexes,
+                    computed_resource_claim=chosen.claim, distributed_servers=[], backend=est.backend,
+                    backend_version=version):
+        return "gone"
+    session.book(chosen)
+    launches.append((instance.pk, chosen.resources.worker.queue))
+    return InstanceState.SCHEDULED
 
 
 def schedule_instance(instance_id: int) -> str:

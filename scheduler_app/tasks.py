@@ -1,5 +1,6 @@
 from celery import shared_task
 
+from models_app.lifecycle import do_prune_events, do_sweep_stuck
 from scheduler_app.scheduler import pending_instance_ids, schedule_instances
 
 
@@ -15,3 +16,13 @@ def schedule_pending_instances() -> int:
     if ids:
         schedule_instances(ids)
     return len(ids)
+
+
+@shared_task(name="scheduler_app.tasks.sweep_stuck_instances", ignore_result=True)
+def sweep_stuck_instances() -> dict[str, int]:
+    return do_sweep_stuck()
+
+
+@shared_task(name="scheduler_app.tasks.prune_instance_events", ignore_result=True)
+def prune_instance_events() -> int:
+    return do_prune_events()

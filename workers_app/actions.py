@@ -5,10 +5,9 @@ from __future__ import annotations
 from django.db import transaction
 from django.utils import timezone
 
-from models_app.actions import schedule_pending_after_commit
-from models_app.choices import InstanceState
+from models_app.lifecycle import do_unplace, schedule_pending_after_commit
 from models_app.models import ModelInstance
-from workers_app.choices import WorkerState
+from workers_app.choices import WORKER_TRANSITIONS, WorkerState
 from workers_app.models import Worker
 
 
@@ -39,19 +38,31 @@ def do_register_worker(data: dict) -> Worker:
     return worker
 
 
+def _worker_sources(target: str) -> list[str]:
+    return [state for state, targets in WORKER_TRANSITIONS.items() if target in targets]
+
+
+def do_mark_worker_not_ready(worker: Worker, silent_since) -> bool:
+    """Silent since before `silent_since`: not ready (only if it still is ready and still silent)."""
+    return bool(Worker.objects.filter(pk=worker.pk, state=WorkerState.READY, last_heartbeat_at__lt=silent_since).update(
+        state=WorkerState.NOT_READY, updated_at=timezone.now(),
+        state_message=f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"))
+
+
 @transaction.atomic
 def do_heartbeat(worker: Worker, status: dict | None) -> Worker:
-    was_ready = worker.state == WorkerState.READY
-    worker.last_heartbeat_at = timezone.now()
-    worker.state = WorkerState.READY
-    worker.state_message = ""
-    update = ["last_heartbeat_at", "state", "state_message", "updated_at"]
+    """Alive: ready again from any state the table lets reach ready; the latest inventory is kept."""
+    now = timezone.now()
+    fields = {"last_heartbeat_at": now, "updated_at": now}
     if status is not None:
-        worker.status = status
-        update.append("status")
-    worker.save(update_fields=update)
-    if not was_ready:
+        fields["status"] = status
+    came_back = Worker.objects.filter(pk=worker.pk, state__in=_worker_sources(WorkerState.READY)).update(
+        state=WorkerState.READY, state_message="", **fields)
+    if not came_back:
+        Worker.objects.filter(pk=worker.pk).update(**fields)
+    else:
         schedule_pending_after_commit()
+    worker.refresh_from_db()
     return worker
 
 
@@ -67,9 +78,7 @@ def do_update_worker(worker: Worker, fields: dict) -> Worker:
 @transaction.atomic
 def do_delete_worker(worker: Worker) -> None:
     """Its instances go back to pending, to be placed elsewhere."""
-    ModelInstance.objects.filter(worker=worker).update(
-        worker=None, state=InstanceState.PENDING, pid=None, port=None, gpu_indexes=[], computed_resource_claim={},
-        error_kind="", state_message=f"worker {worker.name} was removed",
-    )
+    do_unplace(list(ModelInstance.objects.filter(worker=worker).values_list("pk", flat=True)),
+               f"worker {worker.name} was removed", cause="worker_removed")
     worker.delete()
     schedule_pending_after_commit()

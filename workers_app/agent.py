@@ -19,14 +19,23 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from models_app.actions import (
+from models_app.choices import InstanceState, SourceChoices
+from models_app.lifecycle import (
+    do_begin_download,
+    do_begin_install,
+    do_begin_start,
     do_fail_instance,
     do_forgive_restarts,
+    do_mark_reachable,
     do_mark_running,
+    do_note_alive,
+    do_record_download_progress,
+    do_record_downloaded,
+    do_record_preparation,
+    do_record_process,
     do_restart_instance,
-    do_set_instance_state,
+    do_restart_on_returning_worker,
 )
-from models_app.choices import InstanceState, SourceChoices
 from models_app.models import ModelInstance
 from models_app.sources import SourceError
 from workers_app import downloads, inventory, logs, processes
@@ -37,7 +46,8 @@ from workers_app.processes import BackendProcess
 logger = logging.getLogger(__name__)
 
 HEALTH_FAILURES_BEFORE_ERROR = 3
-INSTALL_PROGRESS_SECONDS = 1.0  # an install's progress reaches the instance at most this often
+INSTALL_PROGRESS_SECONDS = 1.0
+ALIVE_NOTE_SECONDS = 30.0  # an install's progress reaches the instance at most this often
 PREPARING_STATES = [InstanceState.SCHEDULED, InstanceState.DOWNLOADING, InstanceState.INITIALIZING,
                     InstanceState.STARTING]
 STARTING_POLL_SECONDS = 0.05  # a starting backend is polled fast: deploy-to-running latency is a product goal
@@ -63,6 +73,7 @@ class NodeAgent:
         self.worker_id: int | None = None
         self.processes: dict[int, BackendProcess] = {}
         self.preparing: set[int] = set()  # instances downloading, installing or about to start, in their own thread
+        self.noted_alive_at = 0.0
         self.node = inventory.node_info()
         # Backends' TMPDIRs, short (vLLM's IPC socket paths must fit in 107 bytes), one folder per data dir.
         self.tmp_root = Path(tempfile.gettempdir()) / f"aimind-{hashlib.sha1(str(data_dir).encode()).hexdigest()[:8]}"
@@ -78,7 +89,7 @@ class NodeAgent:
     def start(self) -> None:
         global _current
         _current = self
-        self._end_leftover_processes()
+        self._adopt_leftover_processes()
         loops = [(self._heartbeat_loop, "heartbeat"), (self._supervise_loop, "supervisor")]
         if self.shipper is not None:
             loops.append((self._ship_loop, "log-shipper"))
@@ -87,26 +98,46 @@ class NodeAgent:
             thread.start()
             self.threads.append(thread)
 
-    def _end_leftover_processes(self) -> None:
-        """Backends from a previous run of this worker: end them; their instances start again below."""
-        for record in processes.recorded_processes(self.data_dir):
+    def _adopt_leftover_processes(self) -> None:
+        """Backends a previous run of this worker left (it was killed, not stopped): the ones that are still the
+        process it started (pid and start time) and still this worker's instance, starting or running, are adopted
+        — the model is not interrupted by the agent's restart; the health check judges them from now on. Any
+        other is ended."""
+        records = processes.recorded_processes(self.data_dir)
+        rows = {i.pk: i for i in ModelInstance.objects.select_related("worker").filter(
+            pk__in=[r.get("instance_id") for r in records])}
+        for record in records:
+            instance = rows.get(record.get("instance_id"))
+            adoptable = (instance is not None and instance.worker is not None and instance.worker.name == self.name
+                         and record.get("worker") == self.name and instance.pid == record.get("pid")
+                         and instance.state in (InstanceState.STARTING, InstanceState.RUNNING,
+                                                InstanceState.UNREACHABLE))
+            if processes.is_same_process(record) and adoptable:
+                log_path = self.data_dir / "logs" / "instances" / f"{instance.pk}.log"
+                proc = BackendProcess(instance.pk, None, record["pid"], record["port"], self.ip, log_path,
+                                      time.monotonic(), healthy_once=instance.state != InstanceState.STARTING,
+                                      adopted=True)
+                self.processes[instance.pk] = proc
+                if self.shipper is not None:
+                    self.shipper.start_at_end(instance.pk, log_path)
+                logger.info("adopted running backend pid %s of instance %s", record["pid"], instance.name)
+                continue
             if processes.is_same_process(record):
                 logger.info("ending leftover backend pid %s of instance %s", record["pid"], record["instance_id"])
                 processes.terminate_group(record["pid"])
             processes.remove_pidfile(self.data_dir, record["instance_id"])
 
     def _relaunch_own_instances(self) -> None:
+        """After this worker's (re)start: what was this worker's and runs no adopted process starts again."""
         stranded = ModelInstance.objects.filter(
             worker__name=self.name,
             state__in=[InstanceState.INITIALIZING, InstanceState.DOWNLOADING, InstanceState.STARTING,
                        InstanceState.RUNNING, InstanceState.UNREACHABLE],
-        )
-        for instance in stranded:
-            with self.lock:
-                if instance.pk in self.processes:
-                    continue
-            do_set_instance_state(instance, InstanceState.SCHEDULED, from_states=[instance.state],
-                                  message=f"worker {self.name} restarted; starting again", pid=None)
+        ).values_list("pk", flat=True)
+        with self.lock:
+            mine = set(self.processes) | self.preparing
+        do_restart_on_returning_worker([pk for pk in stranded if pk not in mine], self.name,
+                                       f"worker {self.name} restarted; starting again", cause="worker_restarted")
         for instance_id in ModelInstance.objects.filter(worker__name=self.name, state=InstanceState.SCHEDULED) \
                 .values_list("pk", flat=True):
             self.launch(instance_id)
@@ -198,33 +229,23 @@ class NodeAgent:
             return
         with self.lock:
             instance.refresh_from_db()  # the placement as it is now, not as it was before a download or install
-            if self.stopping.is_set() or not do_set_instance_state(
-                    instance, InstanceState.STARTING, from_states=PREPARING_STATES, on_worker=self.name,
-                    message="starting the backend", backend=backend.name, backend_version=installation.version):
+            if self.stopping.is_set() or not do_begin_start(instance, self.name, backend=backend.name,
+                                                            backend_version=installation.version):
                 return
             proc = self._start_backend(instance, backend, installation, model_path)
             self.processes[instance.pk] = proc
             processes.write_pidfile(self.data_dir, proc, self.name)
             # Under the lock: the supervisor must not see it healthy (and running) before it has its port.
-            ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.STARTING).update(pid=proc.pid,
-                                                                                              port=proc.port)
+            do_record_process(instance, proc.pid, proc.port)
 
     def _download(self, instance: ModelInstance) -> Path | None:
-        if not do_set_instance_state(instance, InstanceState.DOWNLOADING, from_states=[InstanceState.SCHEDULED],
-                                     message="downloading the model files", download_progress=0):
+        if not do_begin_download(instance, self.name):
             return None
-
-        def progress(percent: float) -> None:
-            ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.DOWNLOADING).update(
-                download_progress=round(percent, 1))
-
         try:
-            path = downloads.download(instance.model, progress)
+            path = downloads.download(instance.model, lambda percent: do_record_download_progress(instance, percent))
         except (SourceError, OSError) as exc:  # the hub's reason; retried with backoff like any error
             raise BackendError(f"download failed: {exc}") from exc
-        updated = ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.DOWNLOADING).update(
-            download_progress=100, resolved_path=str(path))
-        return path if updated else None
+        return path if do_record_downloaded(instance, str(path)) else None
 
     def _installation(self, instance: ModelInstance, backend: Backend, version: str) -> Installation | None:
         """The backend version this instance needs, installed first if this node does not have it (the instance
@@ -237,9 +258,7 @@ class NodeAgent:
         if not ok:
             raise BackendError(f"{backend.name} cannot run on worker {self.name}: {reason}", permanent=True)
         what = f"installing {backend.name} {version}" + (f" ({variant})" if variant else "")
-        if not do_set_instance_state(instance, InstanceState.INITIALIZING,
-                                     from_states=[InstanceState.SCHEDULED, InstanceState.DOWNLOADING],
-                                     message=f"{what}: starting"):
+        if not do_begin_install(instance, self.name, f"{what}: starting"):
             return None
         last = [0.0]
 
@@ -247,8 +266,7 @@ class NodeAgent:
             now = time.monotonic()
             if now - last[0] >= INSTALL_PROGRESS_SECONDS:
                 last[0] = now
-                ModelInstance.objects.filter(pk=instance.pk, state=InstanceState.INITIALIZING).update(
-                    state_message=line if line.startswith("installing") else f"{what}: {line}"[:1000])
+                do_record_preparation(instance, line if line.startswith("installing") else f"{what}: {line}")
 
         logger.info("instance %s: %s", instance.name, what)
         return backend.install(version, variant, progress)
@@ -322,6 +340,17 @@ class NodeAgent:
     def supervise_once(self) -> None:
         self._check_processes()
         self._restart_due()
+        self._note_preparing_alive()
+
+    def _note_preparing_alive(self) -> None:
+        """Downloads and installs in progress are alive, however quiet: the stuck sweep must leave them alone."""
+        now = time.monotonic()
+        if now - self.noted_alive_at < ALIVE_NOTE_SECONDS:
+            return
+        self.noted_alive_at = now
+        with self.lock:
+            preparing = list(self.preparing)
+        do_note_alive(preparing)
 
     def _restart_due(self) -> None:
         """Errored instances of this worker whose backoff has run out start again, here."""
@@ -347,7 +376,7 @@ class NodeAgent:
             returncode = proc.poll()
             if returncode is not None:
                 self._on_exit(instance, proc, returncode)
-            elif instance.state in (InstanceState.STARTING, InstanceState.RUNNING):
+            elif instance.state in (InstanceState.STARTING, InstanceState.RUNNING, InstanceState.UNREACHABLE):
                 self._check_health(instance, proc)
 
     def _on_exit(self, instance: ModelInstance, proc: BackendProcess, returncode: int) -> None:
@@ -358,11 +387,13 @@ class NodeAgent:
         backend = get_backend(instance.backend or instance.model.backend or "llama-box")
         lines = processes.tail_lines(proc.log_path)
         cause = backend.error_from_log(lines)
-        permanent = backend.exit_is_permanent(returncode, lines, proc.healthy_once)
+        permanent = backend.exit_is_permanent(returncode, lines, proc.healthy_once) and not proc.adopted
         when = "" if proc.healthy_once or not permanent else " before it was ready"
-        message = f"backend {processes.describe_exit(returncode)}{when}" + (f": {cause}" if cause else "")
-        do_fail_instance(instance, message, from_states=[InstanceState.STARTING, InstanceState.RUNNING],
-                         permanent=permanent)
+        # An adopted process is not this agent's child: how it ended is not known, only that it did.
+        exited = "exited" if proc.adopted else processes.describe_exit(returncode)
+        message = f"backend {exited}{when}" + (f": {cause}" if cause else "")
+        do_fail_instance(instance, message, permanent=permanent, from_states=[
+            InstanceState.STARTING, InstanceState.RUNNING, InstanceState.UNREACHABLE])
 
     def _check_health(self, instance: ModelInstance, proc: BackendProcess) -> None:
         backend = get_backend(instance.backend or instance.model.backend or "llama-box")
@@ -377,6 +408,8 @@ class NodeAgent:
             if instance.state == InstanceState.STARTING:
                 unknown = (instance.computed_resource_claim or {}).get("unknown")
                 do_mark_running(instance, UNKNOWN_CLAIM_MESSAGE if unknown else "")
+            elif instance.state == InstanceState.UNREACHABLE:
+                do_mark_reachable(instance, self.name)
             elif instance.restart_count:
                 do_forgive_restarts(instance)
             return
@@ -391,7 +424,7 @@ class NodeAgent:
         if proc.health_failures >= HEALTH_FAILURES_BEFORE_ERROR:
             self.stop_instance(instance.pk)
             do_fail_instance(instance, f"backend stopped answering {backend.health_path}",
-                             from_states=[InstanceState.RUNNING])
+                             from_states=[InstanceState.RUNNING, InstanceState.UNREACHABLE])
 
     def shutdown(self) -> None:
         """End every backend this agent started; their instances start again when the worker returns."""
@@ -407,10 +440,9 @@ class NodeAgent:
         try:
             close_old_connections()
             # Running or still downloading / installing: all start again when this worker returns.
-            ModelInstance.objects.filter(pk__in=[p.instance_id for p in owned] + preparing,
-                                         state__in=InstanceState.on_worker()).update(
-                state=InstanceState.SCHEDULED, pid=None,
-                state_message=f"worker {self.name} stopped; the instance starts again when it returns")
+            do_restart_on_returning_worker([p.instance_id for p in owned] + preparing, self.name,
+                                           f"worker {self.name} stopped; the instance starts again when it returns",
+                                           cause="worker_stopped")
         except Exception:  # the database may already be gone; the processes are what must not leak
             logger.exception("could not record the stopped instances")
         self.http.close()

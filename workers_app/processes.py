@@ -28,6 +28,7 @@ class BackendProcess:
     started_at: float
     health_failures: int = 0
     healthy_once: bool = False
+    adopted: bool = False  # started by a previous run of this worker's agent: not our child
 
     def poll(self) -> int | None:
         if self.popen is not None:

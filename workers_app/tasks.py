@@ -7,9 +7,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from models_app.actions import do_move_off_lost_worker
-from models_app.choices import ErrorKind, InstanceState
+from models_app.choices import InstanceState
+from models_app.lifecycle import do_mark_unreachable, do_move_off_lost_worker
 from models_app.models import ModelInstance
+from workers_app.actions import do_mark_worker_not_ready
 from workers_app.choices import WorkerState
 from workers_app.models import Worker
 
@@ -30,20 +31,22 @@ def stop_instance(instance_id: int) -> None:
 
 @shared_task(name="workers_app.tasks.mark_stale_workers", ignore_result=True)
 def mark_stale_workers() -> int:
-    """Workers silent for longer than WORKER_STALE_AFTER become not_ready; their instances unreachable."""
+    """Workers silent for longer than WORKER_STALE_AFTER become not_ready and their instances unreachable; on the
+    next run, instances still unreachable on a worker still not ready are placed elsewhere."""
+    for worker_name, ids in _still_lost().items():
+        do_move_off_lost_worker(worker_name, ids)
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_STALE_AFTER)
     stale = list(Worker.objects.filter(state=WorkerState.READY, last_heartbeat_at__lt=cutoff))
     for worker in stale:
         with transaction.atomic():
-            if not Worker.objects.filter(pk=worker.pk, state=WorkerState.READY, last_heartbeat_at__lt=cutoff).update(
-                    state=WorkerState.NOT_READY,
-                    state_message=f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"):
-                continue
-            # A permanent error stays where it failed: it waits for an edit or a delete, not for another worker.
-            lost = list(ModelInstance.objects.filter(worker=worker, state__in=[*InstanceState.on_worker(),
-                                                                                InstanceState.ERROR])
-                        .exclude(error_kind=ErrorKind.PERMANENT).values_list("pk", flat=True))
-            ModelInstance.objects.filter(pk__in=lost).update(
-                state=InstanceState.UNREACHABLE, state_message=f"worker {worker.name} is not ready")
-            do_move_off_lost_worker(worker.name, lost)
+            if do_mark_worker_not_ready(worker, cutoff):
+                do_mark_unreachable(worker.name)
     return len(stale)
+
+
+def _still_lost() -> dict[str, list[int]]:
+    lost: dict[str, list[int]] = {}
+    for pk, worker_name in ModelInstance.objects.filter(state=InstanceState.UNREACHABLE).exclude(
+            worker__state=WorkerState.READY).values_list("pk", "worker__name"):
+        lost.setdefault(worker_name or "", []).append(pk)
+    return lost

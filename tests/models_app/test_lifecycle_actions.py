@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from models_app import actions
+from models_app import actions, lifecycle
 from models_app.models import Model, ModelInstance
 from tests.factories import make_worker
 
@@ -85,7 +85,7 @@ def test_instance_ids_are_never_reused(model):
 
 @pytest.mark.parametrize(("restarts", "delay"), [(0, 0), (1, 10), (2, 20), (3, 40), (5, 160), (6, 300), (20, 300)])
 def test_restart_backoff_doubles_up_to_five_minutes(restarts, delay):
-    assert actions.restart_delay(restarts) == delay
+    assert lifecycle.restart_delay(restarts) == delay
 
 
 def test_failure_books_the_restart_and_restart_counts_it(model):
@@ -94,11 +94,11 @@ def test_failure_books_the_restart_and_restart_counts_it(model):
     ModelInstance.objects.filter(pk=broken.pk).update(restart_count=2)
     broken.refresh_from_db()
     before = timezone.now()
-    assert actions.do_fail_instance(broken, "backend killed by signal SIGKILL", from_states=["running"])
+    assert lifecycle.do_fail_instance(broken, "backend killed by signal SIGKILL", from_states=["running"])
     broken.refresh_from_db()
     assert broken.state == "error"
     assert timedelta(seconds=19) < broken.next_restart_at - before < timedelta(seconds=21)
-    assert actions.do_restart_instance(broken)
+    assert lifecycle.do_restart_instance(broken)
     broken.refresh_from_db()
     assert (broken.state, broken.restart_count, broken.next_restart_at) == ("scheduled", 3, None)
     assert broken.last_restart_at >= before
@@ -107,7 +107,7 @@ def test_failure_books_the_restart_and_restart_counts_it(model):
 def test_no_restart_is_booked_when_the_model_says_so(model):
     Model.objects.filter(pk=model.pk).update(restart_on_error=False)
     broken = instance(model, "running", make_worker("w"))
-    actions.do_fail_instance(broken, "crashed", from_states=["running"])
+    lifecycle.do_fail_instance(broken, "crashed", from_states=["running"])
     broken.refresh_from_db()
     assert broken.state == "error" and broken.next_restart_at is None
 
@@ -115,8 +115,8 @@ def test_no_restart_is_booked_when_the_model_says_so(model):
 def test_restart_count_is_forgiven_only_after_a_long_clean_run(model):
     running = instance(model, "running", make_worker("w"))
     ModelInstance.objects.filter(pk=running.pk).update(restart_count=4, running_since=timezone.now())
-    assert not actions.do_forgive_restarts(running)
+    assert not lifecycle.do_forgive_restarts(running)
     ModelInstance.objects.filter(pk=running.pk).update(running_since=timezone.now() - timedelta(minutes=11))
-    assert actions.do_forgive_restarts(running)
+    assert lifecycle.do_forgive_restarts(running)
     running.refresh_from_db()
     assert running.restart_count == 0

@@ -69,8 +69,13 @@ def test_silent_worker_becomes_not_ready_and_its_instances_move_elsewhere():
     instance.refresh_from_db()
     assert silent.state == "not_ready"
     assert fresh.state == "ready"
-    assert (instance.state, instance.worker) == ("pending", None)  # unreachable, then waiting for a new place
+    assert (instance.state, instance.state_message) == ("unreachable", "worker silent is not ready")
+    mark_stale_workers()  # the next run: still silent, so it is placed elsewhere
+    instance.refresh_from_db()
+    assert (instance.state, instance.worker) == ("pending", None)
     assert instance.state_message == "worker silent stopped answering; placing the instance elsewhere"
+    assert [(e.from_state, e.to_state, e.cause) for e in instance.events.all()] == [
+        ("running", "unreachable", "worker_lost"), ("unreachable", "pending", "moved")]
 
 
 def test_operator_edits_labels(api):

@@ -1,0 +1,245 @@
+"""An instance's lifecycle: the only code that writes an instance's state. Each thing that happens is one named
+action; each goes through `_transition`, which checks the move against `INSTANCE_TRANSITIONS`, applies it as a
+conditional update (two controllers never both apply it) and records an `InstanceEvent`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from models_app.choices import ErrorKind, InstanceState
+from models_app.models import InstanceEvent, Model, ModelInstance
+
+logger = logging.getLogger(__name__)
+S = InstanceState
+UNPLACED = {"worker": None, "pid": None, "port": None, "gpu_indexes": [], "computed_resource_claim": {},
+            "running_since": None, "distributed_servers": []}
+PERMANENT_SUFFIX = " (not restarted automatically: edit the model or delete the instance to try again)"
+PREPARING = (S.SCHEDULED, S.DOWNLOADING, S.INITIALIZING)
+
+
+class IllegalTransition(ValueError):
+    """Code asked for a move the lifecycle does not have: a bug, never a user's doing."""
+
+
+def _transition(instances: ModelInstance | Iterable[int], to: str, *, cause: str, message: str = "",
+                from_states: Iterable[str] | None = None, on_worker: str | None = None, **fields) -> list[int]:
+    """Move the instances that are in one of `from_states` (default: every state the table lets reach `to`), and
+    still on `on_worker` when given, to `to`. Returns the ids it moved; an event is recorded for each."""
+    allowed = S.sources(to)
+    sources = set(allowed if from_states is None else from_states)
+    if sources - allowed:
+        raise IllegalTransition(f"{', '.join(sorted(sources - allowed))} → {to} is not a move of an instance")
+    single = instances if isinstance(instances, ModelInstance) else None
+    ids = [single.pk] if single is not None else list(instances)
+    if to != S.ERROR:
+        fields.setdefault("error_kind", "")
+    now = timezone.now()
+    with transaction.atomic():
+        query = ModelInstance.objects.select_for_update().filter(pk__in=ids, state__in=sources)
+        if on_worker is not None:
+            query = query.filter(worker__name=on_worker)
+        rows = list(query.values_list("pk", "state", "name"))
+        if not rows:
+            return []
+        moved = [pk for pk, _, _ in rows]
+        ModelInstance.objects.filter(pk__in=moved).update(state=to, state_message=message, updated_at=now, **fields)
+        InstanceEvent.objects.bulk_create(InstanceEvent(instance_id=pk, from_state=state, to_state=to, cause=cause,
+                                                        message=message[:4000]) for pk, state, _ in rows)
+    for _, state, name in rows:
+        logger.info("instance %s: %s -> %s (%s) %s", name, state, to, cause, message)
+    if single is not None:
+        single.state, single.state_message, single.updated_at = to, message, now
+        for name, value in fields.items():
+            setattr(single, name, value)
+    return moved
+
+
+# The scheduler.
+
+def do_begin_analysis(instance_ids: Iterable[int]) -> list[int]:
+    return _transition(instance_ids, S.ANALYZING, cause="analyzing", message="reading model metadata")
+
+
+def do_wait_for_room(instance: ModelInstance, message: str, cause: str = "no_fit") -> bool:
+    """Back to pending: nothing fits now, or the hub could not be asked; the next pass tries again."""
+    return bool(_transition(instance, S.PENDING, cause=cause, message=message, from_states=[S.ANALYZING]))
+
+
+def do_place(instance: ModelInstance, message: str, **placement) -> bool:
+    """The scheduler chose a worker (and GPUs, a claim, a backend version) for the instance."""
+    return bool(_transition(instance, S.SCHEDULED, cause="placed", message=message, from_states=[S.ANALYZING],
+                            **placement))
+
+
+# The node agent.
+
+def do_begin_download(instance: ModelInstance, worker_name: str) -> bool:
+    return bool(_transition(instance, S.DOWNLOADING, cause="download", message="downloading the model files",
+                            from_states=[S.SCHEDULED], on_worker=worker_name, download_progress=0))
+
+
+def do_begin_install(instance: ModelInstance, worker_name: str, message: str) -> bool:
+    return bool(_transition(instance, S.INITIALIZING, cause="install", message=message,
+                            from_states=[S.SCHEDULED, S.DOWNLOADING], on_worker=worker_name))
+
+
+def do_begin_start(instance: ModelInstance, worker_name: str, **fields) -> bool:
+    return bool(_transition(instance, S.STARTING, cause="start", message="starting the backend",
+                            from_states=PREPARING, on_worker=worker_name, **fields))
+
+
+def do_mark_running(instance: ModelInstance, message: str = "") -> bool:
+    return bool(_transition(instance, S.RUNNING, cause="healthy", message=message, from_states=[S.STARTING],
+                            running_since=timezone.now()))
+
+
+def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iterable[str],
+                     permanent: bool = False) -> bool:
+    """The instance failed: `error`. A transient failure books its restart (if the model wants one) as data, not a
+    timer. A permanent one (bad arguments, missing file, unknown version) books none and releases its claim, so
+    other instances may use the memory; editing the model or deleting the instance gives it another try."""
+    if permanent:
+        failed = bool(_transition(instance, S.ERROR, cause="refused", message=message + PERMANENT_SUFFIX,
+                                  from_states=from_states, error_kind=ErrorKind.PERMANENT, pid=None,
+                                  running_since=None, next_restart_at=None))
+        if failed:
+            schedule_pending_after_commit()
+        return failed
+    restart = Model.objects.filter(pk=instance.model_id, restart_on_error=True).exists()
+    next_at = timezone.now() + timedelta(seconds=restart_delay(instance.restart_count)) if restart else None
+    return bool(_transition(instance, S.ERROR, cause="failed", message=message, from_states=from_states,
+                            error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=next_at))
+
+
+def restart_delay(restart_count: int) -> float:
+    """Seconds before the next restart: the first at once, then base, 2×base, 4×base …, capped."""
+    if restart_count <= 0:
+        return 0.0
+    return min(settings.RESTART_BACKOFF_BASE * 2 ** (restart_count - 1), settings.RESTART_BACKOFF_MAX)
+
+
+def do_restart_instance(instance: ModelInstance) -> bool:
+    """An errored instance whose restart is due starts again on the same worker (never a permanent error)."""
+    if instance.error_kind == ErrorKind.PERMANENT:
+        return False
+    moved = _transition(instance, S.SCHEDULED, cause="restart", from_states=[S.ERROR],
+                        message=f"restarting after: {instance.state_message}"[:2000],
+                        restart_count=F("restart_count") + 1, last_restart_at=timezone.now(), next_restart_at=None)
+    if moved:
+        instance.refresh_from_db()
+    return bool(moved)
+
+
+def do_restart_on_returning_worker(instance_ids: Iterable[int], worker_name: str, message: str,
+                                   cause: str = "worker_returned") -> list[int]:
+    """A worker stopped or restarted: what it ran (or was preparing) starts again there."""
+    return _transition(instance_ids, S.SCHEDULED, cause=cause, message=message, on_worker=worker_name,
+                       from_states=[S.DOWNLOADING, S.INITIALIZING, S.STARTING, S.RUNNING, S.UNREACHABLE], pid=None)
+
+
+def do_mark_reachable(instance: ModelInstance, worker_name: str) -> bool:
+    """Its worker answers again and the backend is still healthy: running, as before."""
+    return bool(_transition(instance, S.RUNNING, cause="worker_back", message="", from_states=[S.UNREACHABLE],
+                            on_worker=worker_name))
+
+
+def do_record_download_progress(instance: ModelInstance, percent: float) -> None:
+    ModelInstance.objects.filter(pk=instance.pk, state=S.DOWNLOADING).update(download_progress=round(percent, 1),
+                                                                            updated_at=timezone.now())
+
+
+def do_record_preparation(instance: ModelInstance, message: str) -> None:
+    """An install's progress (or a still-alive note): shown as the message; it also tells the sweep it is alive."""
+    ModelInstance.objects.filter(pk=instance.pk, state__in=PREPARING).update(state_message=message[:1000],
+                                                                            updated_at=timezone.now())
+
+
+def do_note_alive(instance_ids: Iterable[int]) -> None:
+    if instance_ids:
+        ModelInstance.objects.filter(pk__in=list(instance_ids), state__in=PREPARING).update(updated_at=timezone.now())
+
+
+def do_record_downloaded(instance: ModelInstance, path: str) -> bool:
+    return bool(ModelInstance.objects.filter(pk=instance.pk, state=S.DOWNLOADING).update(
+        download_progress=100, resolved_path=path, updated_at=timezone.now()))
+
+
+def do_record_process(instance: ModelInstance, pid: int, port: int) -> None:
+    ModelInstance.objects.filter(pk=instance.pk, state=S.STARTING).update(pid=pid, port=port)
+
+
+def do_forgive_restarts(instance: ModelInstance) -> bool:
+    """Running cleanly for RESTART_RESET_AFTER seconds: the next failure restarts at once again."""
+    cutoff = timezone.now() - timedelta(seconds=settings.RESTART_RESET_AFTER)
+    return bool(ModelInstance.objects.filter(pk=instance.pk, state=S.RUNNING, running_since__lte=cutoff,
+                                             restart_count__gt=0).update(restart_count=0))
+
+
+# Lost, removed and stuck.
+
+def do_mark_unreachable(worker_name: str) -> list[int]:
+    """The worker went silent: what it ran is shown unreachable (a permanent error stays as it is)."""
+    ids = ModelInstance.objects.filter(worker__name=worker_name).exclude(error_kind=ErrorKind.PERMANENT) \
+        .values_list("pk", flat=True)
+    return _transition(list(ids), S.UNREACHABLE, cause="worker_lost", message=f"worker {worker_name} is not ready",
+                       from_states=[*S.on_worker(), S.ERROR])
+
+
+def do_move_off_lost_worker(worker_name: str, instance_ids: Iterable[int]) -> list[int]:
+    """Unreachable instances of a worker still not ready: placed again elsewhere. The old worker ends their
+    processes when it returns (they are no longer its instances)."""
+    moved = _transition(instance_ids, S.PENDING, cause="moved", from_states=[S.UNREACHABLE], **UNPLACED,
+                        message=f"worker {worker_name} stopped answering; placing the instance elsewhere")
+    if moved:
+        schedule_pending_after_commit()
+    return moved
+
+
+def do_unplace(instance_ids: Iterable[int], message: str, cause: str) -> list[int]:
+    """Back to pending from wherever it was placed (its worker was removed, or it was stuck): placed again."""
+    moved = _transition(instance_ids, S.PENDING, cause=cause, message=message, **UNPLACED,
+                        from_states=S.sources(S.PENDING) - {S.ANALYZING})
+    if moved:
+        schedule_pending_after_commit()
+    return moved
+
+
+def do_sweep_stuck(stuck_after: float | None = None) -> dict[str, int]:
+    """Instances nobody moved for `stuck_after` seconds while analysing, scheduled or preparing (a killed scheduler,
+    a lost launch task, a worker that died mid-install): back to pending, to be placed again."""
+    cutoff = timezone.now() - timedelta(seconds=settings.STUCK_AFTER if stuck_after is None else stuck_after)
+    swept: dict[str, int] = {}
+    for state in (S.ANALYZING, *PREPARING):
+        ids = list(ModelInstance.objects.filter(state=state, updated_at__lt=cutoff).values_list("pk", flat=True))
+        if not ids:
+            continue
+        message = f"was {state} for more than {settings.STUCK_AFTER:.0f} s without progress; placing it again"
+        moved = _transition(ids, S.PENDING, cause="stuck", message=message, from_states=[state], **UNPLACED)
+        swept[state] = len(moved)
+    if swept:
+        schedule_pending_after_commit()
+    return swept
+
+
+def do_prune_events(keep_days: float | None = None) -> int:
+    cutoff = timezone.now() - timedelta(days=settings.EVENT_RETENTION_DAYS if keep_days is None else keep_days)
+    deleted, _ = InstanceEvent.objects.filter(time__lt=cutoff).delete()
+    return deleted
+
+
+def schedule_pending_after_commit() -> None:
+    """Once this transaction commits, give every pending instance another try (resources may have appeared)."""
+
+    def send() -> None:
+        from scheduler_app.tasks import schedule_pending_instances
+
+        schedule_pending_instances.delay()
+
+    transaction.on_commit(send)
