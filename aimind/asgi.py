@@ -29,8 +29,49 @@ class SameOriginWebSocket:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """Request bodies are refused by size (413) before Django reads (and spools) them: at most
+    AIMIND_MAX_REQUEST_BYTES, and 64 KiB for a request that carries no credential at all (enough to sign in)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        from django.conf import settings
+
+        headers = dict(scope.get("headers") or [])
+        credentialed = b"authorization" in headers or b"sessionid=" in headers.get(b"cookie", b"")
+        limit = settings.MAX_REQUEST_BYTES if credentialed else settings.MAX_ANONYMOUS_REQUEST_BYTES
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _too_large(send, limit)
+        seen = 0
+        refused = False
+
+        async def counted_receive():
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit and not refused:  # a chunked body that grows past the limit: end it here
+                    refused = True
+                    await _too_large(send, limit)
+                    return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+async def _too_large(send, limit: int) -> None:
+    body = (b'{"detail": "the request body is larger than %d bytes", "error": {"message": "the request body is '
+            b'larger than %d bytes", "type": "invalid_request_error", "code": "request_too_large"}}' % (limit, limit))
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 application = ProtocolTypeRouter({
     # The admin's CSS/JS are served by the app itself: `up` is one process tree, no separate web server.
-    "http": ASGIStaticFilesHandler(django_asgi_app),
+    "http": BodyLimit(ASGIStaticFilesHandler(django_asgi_app)),
     "websocket": SameOriginWebSocket(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
 })

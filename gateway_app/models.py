@@ -5,6 +5,8 @@ import secrets
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 KEY_PREFIX = "aimind-"
 
@@ -13,10 +15,19 @@ def hash_key(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
 
 
+class KeyScope(models.TextChoices):
+    ADMIN = "admin", _("Management API and gateway")
+    INFERENCE = "inference", _("Gateway (/v1) only")
+
+
 class ApiKey(models.Model):
-    """A bearer key for the API and the OpenAI-compatible gateway; only its hash is stored."""
+    """A bearer key for the API and the OpenAI-compatible gateway; only its hash is stored. A key can expire, be
+    revoked (at once: every request looks it up), and be scoped to inference only."""
 
     name = models.CharField(max_length=255)
+    scope = models.CharField(max_length=16, choices=KeyScope.choices, default=KeyScope.ADMIN)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_keys")
     key_hash = models.CharField(max_length=64, unique=True, editable=False)
     key_prefix = models.CharField(max_length=16, editable=False, help_text="The first characters, to tell keys apart.")
@@ -31,15 +42,28 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.key_prefix}…)"
 
     @classmethod
-    def issue(cls, user, name: str) -> tuple[ApiKey, str]:
+    def issue(cls, user, name: str, scope: str = KeyScope.ADMIN, expires_at=None) -> tuple[ApiKey, str]:
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = cls.objects.create(name=name, user=user, key_hash=hash_key(raw), key_prefix=raw[: len(KEY_PREFIX) + 6])
+        key = cls.objects.create(name=name, user=user, key_hash=hash_key(raw), key_prefix=raw[: len(KEY_PREFIX) + 6],
+                                 scope=scope, expires_at=expires_at)
         return key, raw
+
+    def usable(self) -> bool:
+        """Not revoked, not expired, and its user still active."""
+        return (self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
+                and self.user.is_active)
+
+    def revoke(self) -> None:
+        ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+
+    @classmethod
+    def find(cls, raw_key: str) -> ApiKey | None:
+        """The usable key behind this bearer token, or None."""
+        key = cls.objects.select_related("user").filter(key_hash=hash_key(raw_key)).first()
+        return key if key is not None and key.usable() else None
 
     @classmethod
     def user_for(cls, raw_key: str):
-        """The active user owning this key, or None."""
-        key = cls.objects.select_related("user").filter(key_hash=hash_key(raw_key)).first()
-        if key is None or not key.user.is_active:
-            return None
-        return key.user
+        """The user of a usable management key (an inference-only key manages nothing), or None."""
+        key = cls.find(raw_key)
+        return key.user if key is not None and key.scope == KeyScope.ADMIN else None

@@ -17,6 +17,7 @@ class Upstream:
     instance_id: int
     base_url: str
     backend: str = ""
+    api_key: str = ""  # the instance's own: its backend answers nobody else
 
 
 class UnknownModel(Exception):
@@ -35,10 +36,10 @@ async def pick_upstream(model_name: str) -> Upstream:
         row
         async for row in ModelInstance.objects.filter(
             model_id=model.pk, state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False
-        ).order_by("id").values_list("pk", "worker__ip", "port", "backend")
+        ).order_by("id").values_list("pk", "worker__ip", "port", "backend", "backend_api_key")
     ]
     if not running:
         raise NoRunningInstance(model_name)
-    pk, ip, port, backend = running[next(_counters[model.pk]) % len(running)]
+    pk, ip, port, backend, key = running[next(_counters[model.pk]) % len(running)]
     host = "127.0.0.1" if ip in ("", "0.0.0.0") else ip
-    return Upstream(pk, f"http://{host}:{port}", backend or model.backend)
+    return Upstream(pk, f"http://{host}:{port}", backend or model.backend, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
 import httpx
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
@@ -24,6 +25,7 @@ logger = logging.getLogger(__name__)
 _HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host",
                 "authorization", "upgrade", "te", "trailer", "proxy-authorization", "proxy-authenticate"}
 _clients: dict[int, httpx.AsyncClient] = {}
+JSON_ROUTES = frozenset({"chat/completions", "completions", "embeddings", "rerank", "audio/speech"})
 
 
 def _client() -> httpx.AsyncClient:
@@ -41,15 +43,34 @@ def openai_error(status: int, message: str, type_: str, code: str | None = None)
     return JsonResponse({"error": {"message": message, "type": type_, "code": code}}, status=status)
 
 
+LAST_USED_FLUSH_SECONDS = 30.0  # `last_used_at` is written in batches, off the request path
+_last_used: dict[int, object] = {}
+_last_flush = [0.0]
+
+
 async def _authenticated(request: HttpRequest) -> bool:
     token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         return False
     key = await ApiKey.objects.select_related("user").filter(key_hash=hash_key(token)).afirst()
-    if key is None or not key.user.is_active:
+    if key is None or not key.usable():
         return False
-    await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=timezone.now())
+    _last_used[key.pk] = timezone.now()
+    now = time.monotonic()
+    if now - _last_flush[0] >= LAST_USED_FLUSH_SECONDS:
+        _last_flush[0] = now
+        batch = dict(_last_used)
+        _last_used.clear()
+        asyncio.get_running_loop().create_task(_flush_last_used(batch))
     return True
+
+
+async def _flush_last_used(batch: dict[int, object]) -> None:
+    try:
+        for pk, when in batch.items():
+            await ApiKey.objects.filter(pk=pk).aupdate(last_used_at=when)
+    except Exception:  # a busy database loses a "last used" mark, never a request
+        logger.warning("could not record when %s API key(s) were last used", len(batch), exc_info=True)
 
 
 def _unauthorized() -> JsonResponse:
@@ -92,6 +113,13 @@ def _requested_model(request: HttpRequest) -> tuple[str | None, bool, str | None
 async def proxy(request: HttpRequest, route: str) -> HttpResponse:
     if not await _authenticated(request):
         return _unauthorized()
+    if route in JSON_ROUTES and request.content_type != "application/json":
+        return openai_error(415, f"Send the body of /v1/{route} as application/json, not "
+                                 f"{request.content_type or 'nothing'}.", "invalid_request_error",
+                            "unsupported_media_type")
+    if route not in JSON_ROUTES and not (request.content_type or "").startswith("multipart/form-data"):
+        return openai_error(415, f"Send the body of /v1/{route} as multipart/form-data.", "invalid_request_error",
+                            "unsupported_media_type")
     model_name, stream, problem = _requested_model(request)
     if problem:
         return openai_error(400, problem, "invalid_request_error", "invalid_body")
@@ -106,6 +134,8 @@ async def proxy(request: HttpRequest, route: str) -> HttpResponse:
         return openai_error(503, f"The model '{model_name}' has no running instance.", "service_unavailable",
                             "no_running_instance")
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
     client = _client()
     outgoing = client.build_request("POST", f"{upstream.base_url}/v1/{route}", content=request.body, headers=headers)
     try:

@@ -111,7 +111,8 @@ class ModelInstanceAdmin(admin.ModelAdmin):
                     "backend", "backend_version", "restart_count", "next_restart_at", "is_outdated", "updated_at"]
     list_filter = ["state", "error_kind", "backend", "model", "worker"]
     search_fields = ["name", "model__name", "worker__name", "state_message"]
-    readonly_fields = [f.name for f in ModelInstance._meta.fields]
+    readonly_fields = [f.name for f in ModelInstance._meta.fields if f.name != "backend_api_key"]
+    exclude = ["backend_api_key"]
     change_form_template = "admin/models_app/modelinstance/change_form.html"
 
     def has_add_permission(self, request):

@@ -16,6 +16,8 @@ from workers_app import logs
 
 class ModelViewSet(viewsets.ModelViewSet):
     serializer_class = ModelSerializer
+    action_permissions = {"stop": ["models_app.change_model"], "start": ["models_app.change_model"],
+                          "instances": ["models_app.view_modelinstance"]}
     queryset = Model.objects.annotate(
         ready_replicas_count=Count("instances", filter=Q(instances__state=InstanceState.RUNNING))
     ).order_by("id")
@@ -47,7 +49,8 @@ class ModelViewSet(viewsets.ModelViewSet):
     @action(detail=True, methods=["get"])
     def instances(self, request, pk=None):
         model = self.get_object()
-        return Response(ModelInstanceSerializer(model.instances.select_related("worker", "model"), many=True).data)
+        page = self.paginate_queryset(model.instances.select_related("worker", "model").order_by("id"))
+        return self.get_paginated_response(ModelInstanceSerializer(page, many=True).data)
 
 
 class TailQuery(serializers.Serializer):
@@ -67,7 +70,8 @@ class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mix
     def events(self, request, pk=None):
         """The instance's history: every transition, oldest first (kept for AIMIND_EVENT_RETENTION_DAYS)."""
         instance = self.get_object()
-        return Response(InstanceEventSerializer(instance.events.order_by("id"), many=True).data)
+        page = self.paginate_queryset(instance.events.order_by("id"))
+        return self.get_paginated_response(InstanceEventSerializer(page, many=True).data)
 
     @extend_schema(parameters=[TailQuery], responses={(200, "text/plain"): str})
     @action(detail=True, methods=["get"])

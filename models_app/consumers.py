@@ -25,17 +25,20 @@ def _user_from_headers(scope) -> object | None:
     return ApiKey.user_for(token) if token else None
 
 
-async def staff_user(scope):
-    """The admin behind a WebSocket handshake (session cookie, or an API key header), or None."""
+async def staff_user(scope, *permissions: str):
+    """The admin behind a WebSocket handshake (session cookie, or a management API key header) who holds
+    `permissions`, or None."""
     user = scope.get("user")
     if user is None or not user.is_authenticated:
         user = await _user_from_headers(scope)
-    return user if user is not None and user.is_staff else None
+    if user is None or not user.is_staff:
+        return None
+    return user if await database_sync_to_async(user.has_perms)(permissions) else None
 
 
 class InstanceLogConsumer(AsyncWebsocketConsumer):
     async def connect(self):
-        if await staff_user(self.scope) is None:
+        if await staff_user(self.scope, "models_app.view_modelinstance") is None:
             await self.close(code=4401)
             return
         self.instance_id = self.scope["url_route"]["kwargs"]["instance_id"]

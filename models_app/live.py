@@ -71,7 +71,7 @@ def scope_csrf(scope) -> str:
 
 class ModelsLiveConsumer(AsyncWebsocketConsumer):
     async def connect(self):
-        if await staff_user(self.scope) is None:
+        if await staff_user(self.scope, "models_app.view_model", "models_app.view_modelinstance") is None:
             await self.close(code=4401)
             return
         self.language = scope_language(self.scope)

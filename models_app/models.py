@@ -98,6 +98,8 @@ class ModelInstance(models.Model):
     computed_resource_claim = models.JSONField(default=dict, blank=True)
     distributed_servers = models.JSONField(default=list, blank=True)
     resolved_path = models.CharField(max_length=1024, blank=True, default="")
+    backend_api_key = models.CharField(max_length=64, blank=True, default="", editable=False,
+                                       help_text="The secret its backend requires; only the gateway sends it.")
     config_version = models.PositiveIntegerField(default=1, help_text="The model's config version it was created with.")
     running_since = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from django.conf import settings
+from django.db.models import Sum
 from rest_framework import serializers
 
 from models_app.choices import CategoryChoices, SourceChoices
@@ -25,10 +27,14 @@ def _check_visible_local_path(path: Path) -> str | None:
     """Problems the server can see; a path it cannot see is left for the worker to report."""
     if not path.is_absolute():
         return "must be an absolute path"
+    if ".." in path.parts:
+        return "must not contain .. (name the real path)"
     if not path.exists():
         return None
     if not os.access(path, os.R_OK):
         return f"{path} is not readable"
+    if not path.is_file() and not path.is_dir():
+        return f"{path} is neither a file nor a directory"
     if path.is_file() and path.suffix == ".gguf":
         try:
             with open(path, "rb") as f:
@@ -39,13 +45,23 @@ def _check_visible_local_path(path: Path) -> str | None:
     return None
 
 
+def no_control_characters(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise serializers.ValidationError("must not contain control characters")
+    return value
+
+
 class ModelSerializer(serializers.ModelSerializer):
-    replicas = serializers.IntegerField(min_value=0, default=1)
+    name = serializers.CharField(max_length=255, validators=[no_control_characters])
+    description = serializers.CharField(max_length=10000, allow_blank=True, required=False)
+    replicas = serializers.IntegerField(min_value=0, max_value=settings.MAX_REPLICAS, default=1)
     ready_replicas = serializers.IntegerField(read_only=True)
-    categories = serializers.ListField(child=serializers.ChoiceField(CategoryChoices.choices), required=False)
-    backend_parameters = serializers.ListField(child=serializers.CharField(allow_blank=False), required=False)
-    worker_selector = serializers.DictField(child=serializers.CharField(), required=False)
-    env = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
+    categories = serializers.ListField(child=serializers.ChoiceField(CategoryChoices.choices), required=False,
+                                       max_length=len(CategoryChoices.choices))
+    backend_parameters = serializers.ListField(child=serializers.CharField(allow_blank=False, max_length=4096),
+                                               required=False, max_length=256)
+    worker_selector = serializers.DictField(child=serializers.CharField(max_length=255), required=False)
+    env = serializers.DictField(child=serializers.CharField(allow_blank=True, max_length=32768), required=False)
 
     class Meta:
         model = Model
@@ -58,9 +74,30 @@ class ModelSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["config_version", "created_at", "updated_at"]
 
+    def validate_name(self, value):
+        if Model.objects.filter(name=value).exclude(pk=getattr(self.instance, "pk", None)).exists():
+            raise serializers.ValidationError("model with this name already exists.")
+        return value
+
     def validate_worker_selector(self, value):
         if any(not str(key).strip() for key in value):
             raise serializers.ValidationError("every label in the selector needs a key")
+        if len(value) > 64 or any(len(str(key)) > 255 for key in value):
+            raise serializers.ValidationError("at most 64 labels, keys of at most 255 characters")
+        return value
+
+    def validate_env(self, value):
+        if len(value) > 256:
+            raise serializers.ValidationError(f"at most 256 variables, got {len(value)}")
+        return value
+
+    def validate_replicas(self, value):
+        """The cluster's cap on instances (AIMIND_MAX_INSTANCES) counts every model's replicas."""
+        others = Model.objects.exclude(pk=getattr(self.instance, "pk", None)).aggregate(n=Sum("replicas"))["n"] or 0
+        if others + value > settings.MAX_INSTANCES:
+            raise serializers.ValidationError(
+                f"the cluster allows {settings.MAX_INSTANCES} instances in all (AIMIND_MAX_INSTANCES); other models "
+                f"have {others}, so at most {max(0, settings.MAX_INSTANCES - others)} here")
         return value
 
     def validate_gpu_selector(self, value):
@@ -69,9 +106,11 @@ class ModelSerializer(serializers.ModelSerializer):
         ids = value.get("gpu_ids") if isinstance(value, dict) else None
         if not isinstance(ids, list) or not ids:
             raise serializers.ValidationError('expected {"gpu_ids": ["<worker name>:<gpu index>", ...]}')
+        if len(ids) > 1024 or any(len(str(i)) > 300 for i in ids):
+            raise serializers.ValidationError("at most 1024 GPUs, ids of at most 300 characters")
         for gpu_id in ids:
             worker, sep, index = str(gpu_id).rpartition(":")
-            if not sep or not worker or not index.isdigit():
+            if not sep or not worker or not (index.isascii() and index.isdigit()) or len(index) > 4:
                 raise serializers.ValidationError(f"{gpu_id!r} is not of the form <worker name>:<gpu index>")
         return {"gpu_ids": [str(i) for i in ids]}
 
@@ -101,7 +140,7 @@ def _backend_problems(merged: dict, attrs: dict) -> dict[str, list[str]]:
     errors: dict[str, list[str]] = {}
     params, env = merged.get("backend_parameters") or [], merged.get("env") or {}
     for field, problems in (("backend_parameters", [p for b in checked for p in b.check_parameters(params)]),
-                            ("env", [p for b in checked for p in b.check_env(env)])):
+                            ("env", [p for b in checked for p in b.check_env(env, settings.ALLOW_LOADER_ENV)])):
         if problems:
             errors[field] = list(dict.fromkeys(problems))
     version = merged.get("backend_version") or ""

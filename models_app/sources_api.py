@@ -50,6 +50,8 @@ def _answer(hub: str, call: Callable[[], dict]) -> Response:
 class SourceModelsView(APIView):
     """Repos whose name matches `search`, with downloads, likes and tags; `gguf=true` keeps GGUF repos only."""
 
+    required_permissions = ["models_app.add_model"]
+
     @extend_schema(parameters=[HUB_PARAMETER, ModelsQuery], responses={200: dict, 403: dict, 404: dict, 502: dict})
     def get(self, request: Request, hub: str) -> Response:
         if unknown := _unknown(hub):
@@ -63,6 +65,8 @@ class SourceModelsView(APIView):
 
 class SourceFilesView(APIView):
     """Every file of a repo with its size, and the GGUF files grouped by quantization (split sets joined)."""
+
+    required_permissions = ["models_app.add_model"]
 
     @extend_schema(parameters=[HUB_PARAMETER, FilesQuery], responses={200: dict, 403: dict, 404: dict, 502: dict})
     def get(self, request: Request, hub: str) -> Response:

@@ -26,10 +26,17 @@ from workers_app.backends import all_backends
 
 
 class AdminRequiredMixin(LoginRequiredMixin, UserPassesTestMixin):
-    """Every page: a signed-in admin. Anonymous visitors go to /login/; a signed-in non-admin gets 403."""
+    """Every page: a signed-in admin holding the Django permissions the page needs (as the admin site and the API
+    ask them). Anonymous visitors go to /login/; anyone else gets 403."""
+
+    permissions: tuple[str, ...] = ()
+
+    def required_permissions(self) -> tuple[str, ...]:
+        return self.permissions
 
     def test_func(self) -> bool:
-        return self.request.user.is_staff
+        user = self.request.user
+        return user.is_staff and user.has_perms(self.required_permissions())
 
 
 def models_with_instances():
@@ -53,6 +60,7 @@ def model_row_context(model: Model) -> dict:
 class ModelListView(AdminRequiredMixin, TemplateView):
     template_name = "models/list.html"
     extra_context = {"nav": "models"}
+    permissions = ("models_app.view_model", "models_app.view_modelinstance")
 
     def get_context_data(self, **kwargs):
         from models_app.live import snapshot
@@ -66,6 +74,9 @@ class ModelFormView(AdminRequiredMixin, View):
     """Deploy (no model) and Edit (a model): the same form, the API's validation, then the actions."""
 
     template_name = "models/form.html"
+
+    def required_permissions(self) -> tuple[str, ...]:
+        return ("models_app.change_model",) if self.kwargs.get("pk") else ("models_app.add_model",)
 
     def get(self, request, pk: int | None = None):
         model = get_object_or_404(Model, pk=pk) if pk else None
@@ -112,6 +123,8 @@ def cluster_gpus() -> list[dict]:
 class ModelEvaluateView(AdminRequiredMixin, View):
     """The form as it is filled, judged by the scheduler as POST /api/v1/evaluations would: the live fit line."""
 
+    permissions = ("models_app.add_model",)
+
     def post(self, request):
         from scheduler_app.api import evaluate_spec
         from workers_app.models import Worker
@@ -141,6 +154,9 @@ def fit_summary(result: dict) -> str:
 class ModelActionView(AdminRequiredMixin, View):
     """Stop (replicas → 0), Start (replicas → 1), Delete: POST from the Models page."""
 
+    def required_permissions(self) -> tuple[str, ...]:
+        return ("models_app.delete_model",) if self.kwargs.get("action") == "delete" else ("models_app.change_model",)
+
     def post(self, request, pk: int, action: str):
         model = get_object_or_404(Model, pk=pk)
         if action == "stop":
@@ -156,6 +172,8 @@ class ModelActionView(AdminRequiredMixin, View):
 
 
 class InstanceDeleteView(AdminRequiredMixin, View):
+    permissions = ("models_app.delete_modelinstance",)
+
     def post(self, request, pk: int):
         instance = get_object_or_404(ModelInstance, pk=pk)
         actions.do_delete_instance(instance)
@@ -166,6 +184,7 @@ class InstanceDeleteView(AdminRequiredMixin, View):
 class InstanceLogsView(AdminRequiredMixin, TemplateView):
     template_name = "models/logs.html"
     extra_context = {"nav": "models"}
+    permissions = ("models_app.view_modelinstance",)
 
     def get_context_data(self, pk: int, **kwargs):
         instance = get_object_or_404(ModelInstance.objects.select_related("model", "worker"), pk=pk)
@@ -173,6 +192,8 @@ class InstanceLogsView(AdminRequiredMixin, TemplateView):
 
 
 class InstanceLogDownloadView(AdminRequiredMixin, View):
+    permissions = ("models_app.view_modelinstance",)
+
     def get(self, request, pk: int):
         instance = get_object_or_404(ModelInstance, pk=pk)
         lines = logs.last_lines(instance.pk, logs.STREAM_MAX_LINES)

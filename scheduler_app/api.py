@@ -16,10 +16,13 @@ from workers_app.models import Worker
 
 
 class EvaluationSpecSerializer(ModelSerializer):
-    name = serializers.CharField(required=False, default="evaluation")
+    name = serializers.CharField(required=False, default="evaluation", max_length=255)
 
-    class Meta(ModelSerializer.Meta):
-        extra_kwargs = {"name": {"validators": []}}
+    def validate_name(self, value):
+        return value  # a dry run may reuse a deployed model's name
+
+    def validate_replicas(self, value):
+        return value  # nothing is deployed: the cluster's cap does not apply
 
 
 class EvaluationRequestSerializer(serializers.Serializer):
@@ -48,6 +51,8 @@ def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
 
 
 class EvaluationView(APIView):
+    required_permissions = ["models_app.add_model"]
+
     @extend_schema(request=EvaluationRequestSerializer, responses={200: dict})
     def post(self, request):
         body = EvaluationRequestSerializer(data=request.data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import shutil
 import tempfile
 import threading
@@ -229,8 +230,10 @@ class NodeAgent:
             return
         with self.lock:
             instance.refresh_from_db()  # the placement as it is now, not as it was before a download or install
+            key = secrets.token_urlsafe(24) if backend.api_key_env else ""
             if self.stopping.is_set() or not do_begin_start(instance, self.name, backend=backend.name,
-                                                            backend_version=installation.version):
+                                                            backend_version=installation.version,
+                                                            backend_api_key=key):
                 return
             proc = self._start_backend(instance, backend, installation, model_path)
             self.processes[instance.pk] = proc
@@ -283,7 +286,8 @@ class NodeAgent:
                           categories=list(model.categories or []), gpu_indexes=list(instance.gpu_indexes or []),
                           claim=dict(instance.computed_resource_claim or {}),
                           backend_parameters=list(model.backend_parameters or []), env=dict(model.env or {}),
-                          installation=installation, work_dir=work_dir, tmp_dir=tmp_dir)
+                          installation=installation, work_dir=work_dir, tmp_dir=tmp_dir,
+                          api_key=instance.backend_api_key)
         cmd = backend.command(spec)
         log_path = self.data_dir / "logs" / "instances" / f"{instance.pk}.log"
         if self.shipper is not None:

@@ -7,6 +7,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from gateway_app.authentication import bearer_token
+from models_app.pagination import HeaderPagination
 from workers_app import actions
 from workers_app.cluster import is_cluster_token
 from workers_app.models import Worker
@@ -75,6 +76,8 @@ class WorkerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
 class GpuListView(APIView):
     """Every GPU in the cluster, with id `<worker name>:<index>`."""
 
+    required_permissions = ["workers_app.view_worker"]
+
     @extend_schema(responses={200: dict})
     def get(self, request):
         gpus = []
@@ -82,4 +85,5 @@ class GpuListView(APIView):
             for gpu in worker.gpus:
                 gpus.append({"id": f"{worker.name}:{gpu.get('index')}", "worker_name": worker.name,
                              "worker_id": worker.id, **gpu})
-        return Response(gpus)
+        paginator = HeaderPagination()
+        return paginator.get_paginated_response(paginator.paginate_queryset(gpus, request, view=self))

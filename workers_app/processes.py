@@ -74,13 +74,24 @@ def is_same_process(record: dict) -> bool:
         return False
 
 
-def start(cmd: list[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen:
+def clean_environment(env: dict[str, str]) -> dict[str, str]:
+    """The backend's environment: the few variables of the worker's own it needs (PATH, HOME, locale, CUDA and
+    proxy settings …), then `env`. The worker's secrets (Redis, database, token) never reach it."""
+    from workers_app.backends.base import INHERITED_ENV
+
+    return {**{k: v for k, v in os.environ.items() if INHERITED_ENV.match(k)}, **env}
+
+
+def start(cmd: list[str], *, env: dict[str, str], log_path: Path, secrets: tuple[str, ...] = ()) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    shown = " ".join(cmd)
+    for secret in secrets:  # the command line is logged; a key on it is not
+        shown = shown.replace(secret, "***")
     with open(log_path, "ab") as log:
-        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(cmd)}\n".encode())
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {shown}\n".encode())
         log.flush()
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **env}, start_new_session=True)
+                                env=clean_environment(env), start_new_session=True)
 
 
 def terminate_group(pid: int, popen: subprocess.Popen | None = None, grace: float = 5.0) -> None:

@@ -4,14 +4,27 @@ from rest_framework import serializers
 
 from workers_app.models import Worker
 
+BYTES = {"min_value": 0, "max_value": 1 << 62}  # memory sizes: 4 EiB is beyond any machine
+
+
+def bounded_labels() -> serializers.DictField:
+    return serializers.DictField(child=serializers.CharField(allow_blank=True, max_length=255), required=False)
+
+
+def check_labels(value: dict) -> dict:
+    if len(value) > 64 or any(not str(k).strip() or len(str(k)) > 255 for k in value):
+        raise serializers.ValidationError("at most 64 labels, each with a key of 1 to 255 characters")
+    return value
+
 
 class GpuStatusSerializer(serializers.Serializer):
-    index = serializers.IntegerField(min_value=0)
-    name = serializers.CharField(required=False, allow_blank=True, default="")
-    vendor = serializers.CharField(required=False, allow_blank=True, default="")
-    uuid = serializers.CharField(required=False, allow_blank=True, default="")
-    memory = serializers.DictField(child=serializers.IntegerField(min_value=0))
-    core = serializers.DictField(required=False, default=dict)
+    index = serializers.IntegerField(min_value=0, max_value=1023)
+    name = serializers.CharField(required=False, allow_blank=True, default="", max_length=255)
+    vendor = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
+    uuid = serializers.CharField(required=False, allow_blank=True, default="", max_length=128)
+    memory = serializers.DictField(child=serializers.IntegerField(**BYTES))
+    core = serializers.DictField(child=serializers.IntegerField(min_value=0, max_value=100000), required=False,
+                                 default=dict)
     compute_capability = serializers.CharField(required=False, allow_blank=True, default="", max_length=16)
 
 
@@ -27,16 +40,27 @@ class BackendCapabilitySerializer(serializers.Serializer):
 
 
 class WorkerStatusSerializer(serializers.Serializer):
-    cpu = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False, default=dict)
-    memory = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False, default=dict)
-    gpus = GpuStatusSerializer(many=True, required=False, default=list)
+    cpu = serializers.DictField(child=serializers.IntegerField(min_value=0, max_value=1_000_000), required=False,
+                                default=dict)
+    memory = serializers.DictField(child=serializers.IntegerField(**BYTES), required=False, default=dict)
+    gpus = GpuStatusSerializer(many=True, required=False, default=list, max_length=256)
     backends = serializers.DictField(child=BackendCapabilitySerializer(), required=False)
+
+    def validate_backends(self, value):
+        if len(value) > 32:
+            raise serializers.ValidationError("at most 32 backends")
+        return value
 
 
 class WorkerSerializer(serializers.ModelSerializer):
+    name = serializers.RegexField(r"^[A-Za-z0-9][\w.@:-]{0,254}$", error_messages={
+        "invalid": "letters, digits and . _ - @ : only, starting with a letter or digit (it names a queue)"})
     status = WorkerStatusSerializer(required=False)
-    labels = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
-    system_reserved = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False)
+    labels = bounded_labels()
+    system_reserved = serializers.DictField(child=serializers.IntegerField(**BYTES), required=False)
+
+    def validate_labels(self, value):
+        return check_labels(value)
 
     class Meta:
         model = Worker
@@ -49,8 +73,11 @@ class WorkerSerializer(serializers.ModelSerializer):
 class WorkerLabelsSerializer(serializers.ModelSerializer):
     """What an operator may change on a worker: its labels (and reservation)."""
 
-    labels = serializers.DictField(child=serializers.CharField(allow_blank=True), required=False)
-    system_reserved = serializers.DictField(child=serializers.IntegerField(min_value=0), required=False)
+    labels = bounded_labels()
+    system_reserved = serializers.DictField(child=serializers.IntegerField(**BYTES), required=False)
+
+    def validate_labels(self, value):
+        return check_labels(value)
 
     class Meta:
         model = Worker

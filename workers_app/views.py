@@ -47,6 +47,7 @@ def worker_rows(workers: list[Worker]) -> list[dict]:
 class ResourcesView(AdminRequiredMixin, TemplateView):
     template_name = "workers/resources.html"
     extra_context = {"nav": "resources"}
+    permissions = ("workers_app.view_worker",)
 
     def get_context_data(self, **kwargs):
         rows = worker_rows(list(Worker.objects.order_by("name")))
@@ -57,6 +58,7 @@ class WorkerLabelsView(AdminRequiredMixin, View):
     """Edit a worker's labels as rows of key and value."""
 
     template_name = "workers/labels.html"
+    permissions = ("workers_app.change_worker",)
 
     def get(self, request, pk: int):
         worker = get_object_or_404(Worker, pk=pk)

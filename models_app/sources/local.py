@@ -31,7 +31,7 @@ def gguf_files_under(path: Path) -> list[Path]:
     """The GGUF file(s) a local path names: the file itself, or the model in a directory (no mmproj)."""
     if path.is_file():
         return split_gguf_parts(path)
-    candidates = sorted(p for p in path.glob("*.gguf") if not is_mmproj(p.name))
+    candidates = sorted(p for p in path.glob("*.gguf") if p.is_file() and not is_mmproj(p.name))  # no FIFOs
     if not candidates:
         return []
     return split_gguf_parts(candidates[0])
@@ -59,11 +59,14 @@ def is_faster_whisper(path: Path, config: dict) -> bool:
 
 
 def model_format(path: Path) -> str:
-    """"gguf", "hf" (config.json and weights), "faster-whisper", or "" when the path holds none of them."""
+    """"gguf", "hf" (config.json and weights), "faster-whisper", or "" when the path holds none of them. Only
+    regular files count: reading a FIFO or a device named like a model would block."""
     if path.is_file():
         return "gguf" if path.suffix == ".gguf" else ""
+    if not path.is_dir():
+        return ""
     if (path / "config.json").is_file():
-        if any(path.glob("*.gguf")):
+        if any(p.is_file() for p in path.glob("*.gguf")):
             return "gguf"
         try:
             config = read_config(path)

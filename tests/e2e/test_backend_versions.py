@@ -59,9 +59,13 @@ def test_models_env_reaches_its_process_but_not_the_placement_variables(system, 
     refused = deploy("gpu-thief", expect=400, env={"CUDA_VISIBLE_DEVICES": "3"})
     assert refused["env"] == ["CUDA_VISIBLE_DEVICES is set by aiMindServe from the placement and cannot be "
                               "overridden"]
-    model = deploy("with-env", env={"AIMIND_E2E_MARKER": "from the model", "OMP_NUM_THREADS": "1"})
+    preloaded = deploy("preloader", expect=400, env={"LD_PRELOAD": "/tmp/evil.so"})
+    assert "LD_PRELOAD would run code inside the backend" in preloaded["env"][0]
+    model = deploy("with-env", env={"E2E_MARKER": "from the model", "OMP_NUM_THREADS": "1"})
     [running] = system.wait_for_instances(model["id"], "running")
     environ = psutil.Process(running["pid"]).environ()
-    assert environ["AIMIND_E2E_MARKER"] == "from the model" and environ["OMP_NUM_THREADS"] == "1"
+    assert environ["E2E_MARKER"] == "from the model" and environ["OMP_NUM_THREADS"] == "1"
     assert environ["CUDA_VISIBLE_DEVICES"] == ""  # a CPU placement hides every GPU
+    worker_only = ("REDIS_URL", "DATABASE_URL", "DJANGO_SETTINGS_MODULE")
+    assert {k for k in environ if k.startswith("AIMIND_") or k in worker_only} == set()  # the worker's secrets
     assert httpx.get(f"http://127.0.0.1:{running['port']}/health", timeout=5).status_code == 200

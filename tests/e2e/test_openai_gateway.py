@@ -2,6 +2,7 @@
 
 import httpx
 import openai
+import psutil
 import pytest
 
 
@@ -67,11 +68,23 @@ def test_both_replicas_serve_requests(system, deployed, client):
         client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     with system.client() as c:
         instances = c.get(f"/api/v1/models/{deployed['chat']['id']}/instances").json()
-    ports = {i["port"] for i in instances}
-    assert len(ports) == 2
-    for port in ports:  # each llama-server counts the requests it served
-        metrics = httpx.get(f"http://127.0.0.1:{port}/slots", timeout=5).json()
+    assert len({i["port"] for i in instances}) == 2
+    for instance in instances:  # each llama-server counts the requests it served (asked with its own key)
+        key = psutil.Process(instance["pid"]).environ()["LLAMA_API_KEY"]
+        metrics = httpx.get(f"http://127.0.0.1:{instance['port']}/slots", timeout=5,
+                            headers={"Authorization": f"Bearer {key}"}).json()
         assert any(slot.get("id_task", -1) >= 0 for slot in metrics), metrics
+
+
+def test_a_backend_port_answers_only_the_gateway(system, deployed):
+    with system.client() as c:
+        [instance, _] = c.get(f"/api/v1/models/{deployed['chat']['id']}/instances").json()
+    direct = f"http://127.0.0.1:{instance['port']}/v1/chat/completions"
+    body = {"model": "tiny-chat", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(direct, json=body, timeout=10).status_code == 401
+    assert httpx.post(direct, json=body, timeout=10, headers={"Authorization": f"Bearer {system.api_key}"}) \
+        .status_code == 401  # a user's key is the gateway's business, not the backend's
+    assert "backend_api_key" not in instance
 
 
 def test_missing_key_is_401_in_openai_shape(system, deployed):

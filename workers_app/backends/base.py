@@ -22,6 +22,16 @@ ERROR_WORDS = ("error", "failed", "invalid", "abort", "exception", "traceback", 
 PLACEMENT_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
                            "ROCR_VISIBLE_DEVICES", "GPU_DEVICE_ORDINAL", "CUDA_DEVICE_ORDER"})
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Variables that make the loader or Python run code of the model's choosing inside the backend (as the worker's
+# user): refused in a model's env unless the operator allows them (AIMIND_ALLOW_LOADER_ENV).
+LOADER_ENV = re.compile(r"^(LD_\w+|DYLD_\w+|PYTHON(PATH|HOME|STARTUP|USERBASE|EXECUTABLE|INSPECT|BREAKPOINT)|"
+                        r"BASH_ENV|ENV|PERL5OPT|PERL5LIB|NODE_OPTIONS|RUBYOPT)$")
+# What a backend process inherits from the worker's own environment; everything else (REDIS_URL, DATABASE_URL,
+# AIMIND_*, the cluster token …) stays with the worker.
+INHERITED_ENV = re.compile(r"^(PATH|HOME|USER|LOGNAME|LANG|LANGUAGE|LC_\w+|TZ|TERM|SHELL|TMPDIR|LD_LIBRARY_PATH|"
+                           r"CUDA_HOME|CUDA_PATH|NVIDIA_DRIVER_CAPABILITIES|HF_HOME|HF_HUB_CACHE|HF_ENDPOINT|"
+                           r"MODELSCOPE_CACHE|OMP_NUM_THREADS|SSL_CERT_FILE|REQUESTS_CA_BUNDLE|HTTPS?_PROXY|NO_PROXY|"
+                           r"https?_proxy|no_proxy)$")
 # A version as package indexes spell them (0.3.36, 0.12.0.post2, 1.0rc1, v1.0.0): it names a directory, too.
 VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}")
 # How command-line parsers refuse their arguments (llama.cpp's `error: invalid argument: --x`, argparse's
@@ -77,6 +87,7 @@ class LaunchSpec:
     backend_parameters: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     installation: Installation | None = None
+    api_key: str = ""  # the instance's own secret: the backend answers only requests that carry it (the gateway's)
     work_dir: Path | None = None  # a directory of the instance's own (vox-box's --data-dir)
     tmp_dir: Path | None = None  # the instance's TMPDIR: short, as vLLM's IPC socket paths must be
 
@@ -95,6 +106,9 @@ class Backend:
     # Flags aiMindServe sets itself; a user passing them would break routing.
     reserved_flags: frozenset[str] = frozenset()
     reserved_env: frozenset[str] = PLACEMENT_ENV
+    # The variable from which the backend takes the key it requires of every inference request ("" when it has no
+    # such option: then anyone who reaches the worker's port reaches the backend).
+    api_key_env: str = ""
 
     # Node side: variants, installs, launches.
 
@@ -143,6 +157,8 @@ class Backend:
         if spec.tmp_dir is not None and "TMPDIR" not in env:
             spec.tmp_dir.mkdir(parents=True, exist_ok=True)
             env["TMPDIR"] = str(spec.tmp_dir)
+        if spec.api_key and self.api_key_env:  # by the environment: the command line is visible to every user
+            env[self.api_key_env] = spec.api_key
         return {**env, "CUDA_VISIBLE_DEVICES": visible}
 
     def error_from_log(self, lines: list[str]) -> str:
@@ -182,13 +198,16 @@ class Backend:
                 problems.append(str(exc))
         return problems
 
-    def check_env(self, env: dict) -> list[str]:
+    def check_env(self, env: dict, allow_loader_env: bool = False) -> list[str]:
         problems = []
         for name, value in env.items():
             if not ENV_NAME.fullmatch(str(name)):
                 problems.append(f"{name!r} is not a valid environment variable name")
             elif name in self.reserved_env:
                 problems.append(f"{name} is set by aiMindServe from the placement and cannot be overridden")
+            elif LOADER_ENV.match(name) and not allow_loader_env:
+                problems.append(f"{name} would run code inside the backend; an operator may allow such variables "
+                                f"with AIMIND_ALLOW_LOADER_ENV=true")
             elif "\x00" in str(value):
                 problems.append(f"{name} contains a NUL byte")
         return problems

@@ -9,7 +9,16 @@ from functools import lru_cache
 from pathlib import Path
 
 from workers_app.backends import installs, llama_box_install
-from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec, NodeInfo, Progress, register
+from workers_app.backends.base import (
+    PLACEMENT_ENV,
+    Backend,
+    BackendError,
+    Installation,
+    LaunchSpec,
+    NodeInfo,
+    Progress,
+    register,
+)
 from workers_app.backends.params import as_separate_arguments, flag_names
 
 ALL_LAYERS = 999  # -ngl beyond the layer count offloads every layer
@@ -19,6 +28,8 @@ _FLAG_ALIASES = {"-c": "ctx_size", "--ctx-size": "ctx_size", "-ngl": "n_gpu_laye
                  "--cache-type-v": "cache_type_v", "-np": "parallel", "--parallel": "parallel",
                  "--cache-ram": "cache_ram_mib", "-cram": "cache_ram_mib"}
 _INT_KEYS = {"ctx_size", "n_gpu_layers", "parallel", "cache_ram_mib"}
+# llama.cpp's own floors: 0 context = the model's; -1 layers, slots and cache = automatic / unlimited.
+_LOWEST = {"ctx_size": 0, "n_gpu_layers": -1, "parallel": -1, "cache_ram_mib": -1}
 _HELP_FLAG = re.compile(r"(?<![\w-])(--?[a-zA-Z][\w-]*)")
 
 
@@ -52,6 +63,11 @@ def parse_backend_parameters(params: list[str]) -> dict:
         except ValueError:
             raise BackendParameterError(f"{flag} expects {'an integer' if key in _INT_KEYS else 'numbers'}, "
                                         f"got {value!r}") from None
+        low = _LOWEST.get(key)
+        if low is not None and found[key] < low:
+            raise BackendParameterError(f"{flag} must be at least {low}, got {found[key]}")
+        if key == "tensor_split" and any(x < 0 or x != x for x in found[key]):
+            raise BackendParameterError(f"{flag} takes shares of 0 or more, got {value!r}")
     return found
 
 
@@ -79,7 +95,9 @@ class LlamaBox(Backend):
     formats = frozenset({"gguf"})
     categories = frozenset({"llm", "embedding", "reranker"})
     selectors = "scheduler_app.selectors.llama_box.SELECTORS"
-    reserved_flags = frozenset({"--host", "--port", "-m", "--model", "--alias", "-a"})
+    reserved_flags = frozenset({"--host", "--port", "-m", "--model", "--alias", "-a", "--api-key", "--api-key-file"})
+    reserved_env = PLACEMENT_ENV | {"LLAMA_API_KEY"}
+    api_key_env = "LLAMA_API_KEY"
 
     def variant(self, node: NodeInfo) -> str:
         return llama_box_install.variant_for(node.gpus, node.cuda_compiler)

@@ -7,7 +7,16 @@ import re
 from pathlib import Path
 
 from workers_app.backends import installs, venv_install
-from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec, NodeInfo, Progress, register
+from workers_app.backends.base import (
+    PLACEMENT_ENV,
+    Backend,
+    BackendError,
+    Installation,
+    LaunchSpec,
+    NodeInfo,
+    Progress,
+    register,
+)
 from workers_app.backends.params import flag_names
 
 DEFAULT_VERSION = "0.32.0"
@@ -62,7 +71,9 @@ class VLLM(Backend):
     formats = frozenset({"hf"})
     categories = frozenset({"llm", "embedding", "reranker", "image"})
     selectors = "scheduler_app.selectors.vllm.SELECTORS"
-    reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name"})
+    reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name", "--api-key"})
+    reserved_env = PLACEMENT_ENV | {"VLLM_API_KEY"}
+    api_key_env = "VLLM_API_KEY"
 
     def variant(self, node: NodeInfo) -> str:
         return "cuda" if node.has_nvidia_gpus else "cpu"

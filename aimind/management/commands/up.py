@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 
 from django.conf import settings
@@ -52,13 +53,17 @@ class Command(BaseCommand):
     def start_children(self, supervisor: Supervisor, env: dict[str, str]) -> None:
         if not settings.REDIS_URL:
             port = free_loopback_port()
-            redis = supervisor.spawn(redis_child(settings.DATA_DIR, port))
+            password = secrets.token_urlsafe(24)
+            redis = supervisor.spawn(redis_child(settings.DATA_DIR, port, password))
             if not wait_for_port("127.0.0.1", port, 10, alive=lambda: redis.popen.poll() is None):
                 raise CommandError("the embedded Redis did not start")
-            env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            env["REDIS_URL"] = f"redis://:{password}@127.0.0.1:{port}/0"
             run_dir = settings.DATA_DIR / "run"
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "redis.url").write_text(env["REDIS_URL"] + "\n")  # for workers added on this machine
+            url_file = run_dir / "redis.url"  # for workers added on this machine; it holds the password: ours only
+            url_file.touch(mode=0o600)
+            url_file.chmod(0o600)
+            url_file.write_text(env["REDIS_URL"] + "\n")
         connect_host = "127.0.0.1" if settings.HOST in ("0.0.0.0", "::", "") else settings.HOST
         env.setdefault("AIMIND_SERVER_URL", f"http://{connect_host}:{settings.PORT}")
         if self.with_worker:
