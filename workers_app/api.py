@@ -1,7 +1,7 @@
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, permissions, status, viewsets
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -78,7 +78,10 @@ class GpuListView(APIView):
 
     required_permissions = ["workers_app.view_worker"]
 
-    @extend_schema(responses={200: dict})
+    @extend_schema(responses={200: inline_serializer("Gpu", many=True, fields={
+        "id": serializers.CharField(), "worker_name": serializers.CharField(), "worker_id": serializers.IntegerField(),
+        "index": serializers.IntegerField(), "name": serializers.CharField(), "vendor": serializers.CharField(),
+        "memory": serializers.DictField(child=serializers.IntegerField())})})
     def get(self, request):
         gpus = []
         for worker in Worker.objects.order_by("name"):

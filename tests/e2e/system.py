@@ -135,7 +135,8 @@ class RunningSystem:
             model = c.get(f"/api/v1/models/{model['id']}").json()
         return {"model": model, "instance": instance, "seen": seen, "posted_at": posted_at}
 
-    def stop(self, timeout: float = 60) -> int:
+    def stop(self, timeout: float = 60, keep_database: bool = False) -> int:
+        """SIGTERM to `up`; its exit code. `keep_database`: to start it again on the same data (PostgreSQL)."""
         self.descendants()
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
@@ -145,7 +146,8 @@ class RunningSystem:
             os.killpg(self.popen.pid, signal.SIGKILL)
             raise
         finally:
-            self.drop_database()
+            if not keep_database:
+                self.drop_database()
 
     def drop_database(self) -> None:
         """Drop this system's PostgreSQL database (once its processes are gone); nothing to do on SQLite."""
@@ -173,14 +175,18 @@ class RunningSystem:
         return alive
 
 
-def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str, str] | None = None) -> RunningSystem:
+def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str, str] | None = None,
+                 again: RunningSystem | None = None) -> RunningSystem:
+    """`up` in `tmp`. `again`: a stopped system (stopped with keep_database) to start once more on its data."""
     data_dir = tmp / "data"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMIND_", "DATABASE_URL", "REDIS_URL"))}
     # SQLite in the data dir by default; with AIMIND_TEST_DATABASE_URL, a fresh database on that server.
     pg_server_url = os.environ.get("AIMIND_TEST_DATABASE_URL", "")
     pg_database = ""
-    if pg_server_url:
+    if again is not None and again.pg_database:
+        pg_database, env["DATABASE_URL"] = again.pg_database, again.env["DATABASE_URL"]
+    elif pg_server_url:
         pg_database, env["DATABASE_URL"] = create_e2e_database(pg_server_url)
     if os.environ.get("AIMIND_CACHE_DIR"):
         env["AIMIND_CACHE_DIR"] = os.environ["AIMIND_CACHE_DIR"]
