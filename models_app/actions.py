@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Iterable
 
 from django.db import transaction
+from django.db.models import F
 
 from models_app.choices import ErrorKind, InstanceState
 from models_app.models import Model, ModelInstance
@@ -77,11 +78,14 @@ def do_update_model(model: Model, fields: dict) -> Model:
     for name, value in fields.items():
         setattr(model, name, value)
     if changed - Model.LIVE_FIELDS:
-        model.config_version += 1
+        model.config_version = F("config_version") + 1
+        changed.add("config_version")
         # Instances stopped by an error no restart can fix get their next try now, with the new configuration.
         _delete_instances(list(ModelInstance.objects.filter(model=model, state=InstanceState.ERROR,
                                                             error_kind=ErrorKind.PERMANENT).select_related("worker")))
-    model.save()
+    # Only what changed: the scheduler may be writing the detected categories or backend at the same moment.
+    model.save(update_fields=[*sorted(changed), "updated_at"])
+    model.refresh_from_db(fields=["config_version"])
     do_sync_replicas(model)
     return model
 

@@ -150,9 +150,10 @@ def do_mark_reachable(instance: ModelInstance, worker_name: str) -> bool:
                             on_worker=worker_name))
 
 
-def do_record_download_progress(instance: ModelInstance, percent: float) -> None:
-    ModelInstance.objects.filter(pk=instance.pk, state=S.DOWNLOADING).update(download_progress=round(percent, 1),
-                                                                            updated_at=timezone.now())
+def do_record_download_progress(instance: ModelInstance, percent: float) -> bool:
+    """False when the instance is no longer downloading (deleted, moved): its download should stop."""
+    return bool(ModelInstance.objects.filter(pk=instance.pk, state=S.DOWNLOADING).update(
+        download_progress=round(percent, 1), updated_at=timezone.now()))
 
 
 def do_record_preparation(instance: ModelInstance, message: str) -> None:

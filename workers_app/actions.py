@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
+
 from django.db import transaction
 from django.utils import timezone
 
@@ -23,11 +27,34 @@ def merged_labels(current: dict, reported_before: dict, reported: dict) -> dict:
     return merged
 
 
+class NameTaken(Exception):
+    """Another live worker holds this name: the cluster token alone cannot take it over."""
+
+
+def credential_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def holds_credential(worker: Worker, secret: str | None) -> bool:
+    return bool(worker.credential_hash) and bool(secret) and hmac.compare_digest(
+        worker.credential_hash, credential_hash(secret))
+
+
 @transaction.atomic
-def do_register_worker(data: dict) -> Worker:
+def do_register_worker(data: dict, credential: str | None = None) -> tuple[Worker, str | None]:
+    """Join, or join again. A worker that presents its own credential re-registers; a name whose worker is alive
+    cannot be taken with the cluster token alone (NameTaken); a new name, or one whose worker is gone, gets a
+    new credential — returned once, the worker keeps it."""
     fields = {k: v for k, v in data.items() if k not in ("name", "labels")}
     reported = dict(data.get("labels") or {})
     existing = Worker.objects.select_for_update().filter(name=data["name"]).first()
+    issued = None
+    if existing is not None and not holds_credential(existing, credential):
+        if existing.credential_hash and existing.state == WorkerState.READY and existing.heartbeat_is_fresh:
+            raise NameTaken(data["name"])
+    if existing is None or not holds_credential(existing, credential):
+        issued = secrets.token_urlsafe(32)
+        fields["credential_hash"] = credential_hash(issued)
     labels = merged_labels(existing.labels, existing.reported_labels, reported) if existing else reported
     worker, created = Worker.objects.update_or_create(
         name=data["name"],
@@ -35,7 +62,7 @@ def do_register_worker(data: dict) -> Worker:
                   "state_message": "", "last_heartbeat_at": timezone.now()},
     )
     schedule_pending_after_commit()
-    return worker
+    return worker, issued
 
 
 def _worker_sources(target: str) -> list[str]:

@@ -39,6 +39,7 @@ from models_app.lifecycle import (
 )
 from models_app.models import ModelInstance
 from models_app.sources import SourceError
+from models_app.sources.base import DownloadCancelled, cancellable
 from workers_app import downloads, inventory, logs, processes
 from workers_app.backends import get_backend
 from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec
@@ -143,12 +144,30 @@ class NodeAgent:
                 .values_list("pk", flat=True):
             self.launch(instance_id)
 
+    @property
+    def credential_path(self) -> Path:
+        return self.data_dir / "worker-credential"
+
+    def _credential_headers(self) -> dict[str, str]:
+        try:
+            return {"X-Worker-Credential": self.credential_path.read_text().strip()}
+        except OSError:
+            return {}
+
     def register(self) -> None:
         body = {"name": self.name, "hostname": inventory.socket.gethostname(), "ip": self.ip,
                 "labels": self.labels, "status": inventory.system_status()}
-        response = self.http.post(f"{self.server_url}/api/v1/workers", json=body)
+        response = self.http.post(f"{self.server_url}/api/v1/workers", json=body, headers=self._credential_headers())
+        if response.status_code == 409:
+            logger.error("worker name %s is taken: %s", self.name, response.json().get("detail"))
         response.raise_for_status()
-        self.worker_id = response.json()["id"]
+        answer = response.json()
+        if answer.get("credential"):  # ours from now on: it proves this worker is the one that joined
+            self.credential_path.parent.mkdir(parents=True, exist_ok=True)
+            self.credential_path.touch(mode=0o600)
+            self.credential_path.chmod(0o600)
+            self.credential_path.write_text(answer["credential"])
+        self.worker_id = answer["id"]
         first = not self.registered.is_set()
         self.registered.set()
         logger.info("worker %s registered as id %s", self.name, self.worker_id)
@@ -157,8 +176,8 @@ class NodeAgent:
 
     def heartbeat(self) -> None:
         response = self.http.post(f"{self.server_url}/api/v1/workers/{self.worker_id}/heartbeat",
-                                  json={"status": inventory.system_status()})
-        if response.status_code == 404:  # deleted by an operator: join again
+                                  json={"status": inventory.system_status()}, headers=self._credential_headers())
+        if response.status_code in (403, 404):  # deleted by an operator, or our credential is not known: join again
             self.register()
             return
         response.raise_for_status()
@@ -244,8 +263,18 @@ class NodeAgent:
     def _download(self, instance: ModelInstance) -> Path | None:
         if not do_begin_download(instance, self.name):
             return None
+        gone = threading.Event()  # the instance was deleted (or moved on): the download stops
+
+        def progress(percent: float) -> None:
+            if not do_record_download_progress(instance, percent):
+                gone.set()
+
         try:
-            path = downloads.download(instance.model, lambda percent: do_record_download_progress(instance, percent))
+            with cancellable(lambda: gone.is_set() or self.stopping.is_set()):
+                path = downloads.download(instance.model, progress)
+        except DownloadCancelled:
+            logger.info("instance %s: download stopped, the instance is gone", instance.name)
+            return None
         except (SourceError, OSError) as exc:  # the hub's reason; retried with backoff like any error
             raise BackendError(f"download failed: {exc}") from exc
         return path if do_record_downloaded(instance, str(path)) else None

@@ -13,6 +13,8 @@ from workers_app.cluster import is_cluster_token
 from workers_app.models import Worker
 from workers_app.serializers import HeartbeatSerializer, WorkerLabelsSerializer, WorkerSerializer
 
+CREDENTIAL_HEADER = "X-Worker-Credential"
+
 
 class HasClusterToken(permissions.BasePermission):
     message = "A worker must present the cluster token (Authorization: Bearer <AIMIND_TOKEN>)."
@@ -47,11 +49,21 @@ class WorkerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
 
     @extend_schema(request=WorkerSerializer, responses=WorkerSerializer)
     def create(self, request, *args, **kwargs):
-        """Register or re-register a worker (authenticated by the cluster token)."""
+        """Register or re-register a worker (the cluster token; and to re-register, the worker's own credential from
+        its first registration, in `X-Worker-Credential`). A new credential comes back as `credential`, once."""
         serializer = WorkerSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        worker = actions.do_register_worker(serializer.validated_data)
-        return Response(WorkerSerializer(worker).data, status=status.HTTP_201_CREATED)
+        try:
+            worker, issued = actions.do_register_worker(serializer.validated_data,
+                                                        request.headers.get(CREDENTIAL_HEADER))
+        except actions.NameTaken as taken:
+            return Response({"detail": f"worker {taken} is registered and alive; re-registering it needs its own "
+                                       f"credential ({CREDENTIAL_HEADER}), or wait until it is not ready"},
+                            status=status.HTTP_409_CONFLICT)
+        body = WorkerSerializer(worker).data
+        if issued:
+            body["credential"] = issued
+        return Response(body, status=status.HTTP_201_CREATED)
 
     def perform_update(self, serializer):
         actions.do_update_worker(serializer.instance, serializer.validated_data)
@@ -67,6 +79,9 @@ class WorkerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
     @action(detail=True, methods=["post"])
     def heartbeat(self, request, pk=None):
         worker = self.get_object()
+        if worker.credential_hash and not actions.holds_credential(worker, request.headers.get(CREDENTIAL_HEADER)):
+            return Response({"detail": f"a heartbeat for worker {worker.name} needs its credential "
+                                       f"({CREDENTIAL_HEADER})"}, status=status.HTTP_403_FORBIDDEN)
         body = HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         worker = actions.do_heartbeat(worker, body.validated_data.get("status"))

@@ -19,6 +19,8 @@ class Worker(models.Model):
     labels = models.JSONField(default=dict, blank=True, verbose_name=_("Labels"))
     reported_labels = models.JSONField(default=dict, blank=True, editable=False,
                                        help_text="The labels the worker itself gave at its last registration.")
+    credential_hash = models.CharField(max_length=64, blank=True, default="", editable=False,
+                                       help_text="SHA-256 of the worker's own secret, issued when it joined.")
     system_reserved = models.JSONField(default=dict, blank=True)
     status = models.JSONField(default=dict, blank=True)
     state = models.CharField(max_length=16, choices=WorkerState.choices, default=WorkerState.READY)

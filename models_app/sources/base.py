@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,30 @@ def ensure_reachable(hub: str, endpoint: str) -> None:
     except OSError as exc:
         raise SourceError(f"{hub} is unreachable at {endpoint}: {exc}", 502) from exc
     _reachable_at[endpoint] = now
+
+
+class DownloadCancelled(Exception):
+    """The instance that wanted these files is gone: stop fetching (what is on disk stays, for a later resume)."""
+
+
+_cancel = threading.local()
+
+
+@contextmanager
+def cancellable(should_stop: Callable[[], bool]):
+    """Within this block, a download in this thread stops (DownloadCancelled) once `should_stop()` says so:
+    checked between files and, where our own code reads the body, between chunks."""
+    _cancel.check = should_stop
+    try:
+        yield
+    finally:
+        _cancel.check = None
+
+
+def check_cancelled() -> None:
+    check = getattr(_cancel, "check", None)
+    if check is not None and check():
+        raise DownloadCancelled()
 
 
 class Source:

@@ -29,6 +29,7 @@ from models_app.sources.base import (
     FileEntry,
     Source,
     SourceError,
+    check_cancelled,
     client_errors,
     compact,
     ensure_reachable,
@@ -102,6 +103,7 @@ def _fetch(url: str, partial: Path, size: int | None, headers: dict[str, str]) -
                     for chunk in response.iter_bytes():  # as they arrive (a chunk_size would hold them back)
                         out.write(chunk)
                         out.flush()
+                        check_cancelled()
             if size is None or partial.stat().st_size == size:
                 return
             problem: Exception = SourceError(f"the hub ended {partial.name} short of {size} bytes", 502)
@@ -162,6 +164,7 @@ class HuggingFaceSource(Source):
         local = []
         with _mapped(endpoint):
             for path in paths:
+                check_cancelled()
                 local.append(self._download_one(repo, path, Path(target_dir), revision or "main", endpoint))
         return local[0]
 

@@ -24,6 +24,7 @@ from models_app.sources.base import (
     FileEntry,
     Source,
     SourceError,
+    check_cancelled,
     client_errors,
     compact,
     ensure_reachable,
@@ -117,6 +118,7 @@ class ModelScopeSource(Source):
         with _mapped(endpoint):
             api = self._api(endpoint)
             for path in paths:
+                check_cancelled()
                 local.append(api.download_file(repo, "model", path, revision=_revision(revision), local_dir=target_dir,
                                                cache_dir=Path(target_dir) / ".cache" / "modelscope"))  # its locks
         return Path(local[0])

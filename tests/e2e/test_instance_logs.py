@@ -3,7 +3,7 @@
 import httpx
 import openai
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from tests.e2e.system import wait_until
@@ -59,9 +59,11 @@ def test_websocket_sends_backlog_then_live_lines(system, logged):
 
 
 def test_websocket_without_credentials_is_refused(system, logged):
-    with pytest.raises((ConnectionClosed, Exception)):
+    # Refused at the handshake (HTTP 403): not a socket that opens and then sends nothing.
+    with pytest.raises(InvalidStatus) as refused:
         with connect(ws_url(system, f"/ws/instances/{logged['id']}/logs"), open_timeout=5) as ws:
             ws.recv(timeout=3)
+    assert refused.value.response.status_code == 403
 
 
 def test_unknown_instance_logs_are_404(system):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import socket
 import stat
+import time
+from pathlib import Path
 
 import pytest
 import redis
@@ -81,3 +83,30 @@ def test_a_socket_from_another_origin_is_refused_even_with_a_key(system):
                                          "Origin": "http://127.0.0.1:1"}, open_timeout=5)
     with connect(url, additional_headers={"Authorization": f"Bearer {system.api_key}"}, open_timeout=5) as ws:
         ws.send('{"shown": {}}')  # no Origin (not a browser): judged by the key alone
+
+
+def test_deleting_an_instance_stops_its_download(system, hubs, tmp_path):
+    weights = write_tiny_llama(tmp_path / "Cancel-Q8_0.gguf", n_embd=256, n_ff=1024, seed=13, name="cancel")
+    hub = hubs["huggingface"]
+    hub.add_repo("acme/Cancel-GGUF", {"Cancel-Q8_0.gguf": weights})
+    hub.throttle_bytes_per_s = 512 << 10  # ~8 s for the file
+    repo_dir = Path(system.env["AIMIND_CACHE_DIR"]) / "models" / "huggingface" / "acme--Cancel-GGUF"
+
+    def on_disk() -> int:
+        return sum(p.stat().st_size for p in repo_dir.rglob("*") if p.is_file())
+
+    try:
+        with system.client() as c:
+            model = c.post("/api/v1/models", json={"name": "cancelled", "source": "huggingface",
+                                                   "huggingface_repo_id": "acme/Cancel-GGUF",
+                                                   "huggingface_filename": "*Q8_0.gguf"}).json()
+            wait_until(lambda: any(i["state"] == "downloading" and i["download_progress"] > 5
+                                   for i in c.get(f"/api/v1/models/{model['id']}/instances").json()), 60,
+                       "the download under way")
+            assert c.delete(f"/api/v1/models/{model['id']}").status_code == 204
+        time.sleep(2)  # the worker notices at its next progress report (every second)
+        stopped_at = on_disk()
+        time.sleep(2)
+        assert on_disk() == stopped_at < weights.stat().st_size  # no byte more after the stop, and not finished
+    finally:
+        hub.throttle_bytes_per_s = None

@@ -10,12 +10,23 @@ from workers_app.models import Worker
 pytestmark = pytest.mark.django_db
 
 
+CREDENTIAL: dict[str, str] = {}
+
+
 def register(labels: dict) -> Worker:
+    """As the worker's agent does: its own credential from the first registration on every later one."""
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION="Bearer test-cluster-token")
+    client.credentials(HTTP_AUTHORIZATION="Bearer test-cluster-token", HTTP_X_WORKER_CREDENTIAL=CREDENTIAL.get("w", ""))
     response = client.post("/api/v1/workers", {"name": "w", "labels": labels, "status": cpu_status()}, format="json")
-    assert response.status_code == 201
+    assert response.status_code == 201, response.content
+    if "credential" in response.json():
+        CREDENTIAL["w"] = response.json()["credential"]
     return Worker.objects.get(name="w")
+
+
+@pytest.fixture(autouse=True)
+def fresh_credentials():
+    CREDENTIAL.clear()
 
 
 def test_operator_labels_survive_reregistration_and_reported_ones_are_added(api):

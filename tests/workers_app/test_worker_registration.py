@@ -30,12 +30,34 @@ def test_worker_registers_with_the_cluster_token():
     assert worker.labels == {"zone": "a"}
 
 
-def test_registering_again_updates_the_same_worker():
-    token_client().post("/api/v1/workers", {"name": "w1", "status": cpu_status(8)}, format="json")
-    again = token_client().post("/api/v1/workers", {"name": "w1", "status": cpu_status(16)}, format="json")
-    assert again.status_code == 201
+def test_registering_again_with_its_credential_updates_the_same_worker():
+    first = token_client().post("/api/v1/workers", {"name": "w1", "status": cpu_status(8)}, format="json").json()
+    again = token_client().post("/api/v1/workers", {"name": "w1", "status": cpu_status(16)}, format="json",
+                                HTTP_X_WORKER_CREDENTIAL=first["credential"])
+    assert again.status_code == 201 and "credential" not in again.json()
     assert Worker.objects.count() == 1
     assert Worker.objects.get().ram_total == 16 * 1024**3
+
+
+def test_the_cluster_token_alone_cannot_take_over_a_live_worker():
+    first = token_client().post("/api/v1/workers", {"name": "vm", "ip": "10.0.0.5", "status": cpu_status()},
+                                format="json").json()
+    impostor = token_client().post("/api/v1/workers", {"name": "vm", "ip": "10.6.6.6", "status": cpu_status()},
+                                   format="json")
+    assert impostor.status_code == 409 and "registered and alive" in impostor.json()["detail"]
+    assert Worker.objects.get(name="vm").ip == "10.0.0.5"
+    beat = token_client().post(f"/api/v1/workers/{first['id']}/heartbeat", {}, format="json")
+    assert beat.status_code == 403  # nor keep it alive
+    assert token_client().post(f"/api/v1/workers/{first['id']}/heartbeat", {}, format="json",
+                               HTTP_X_WORKER_CREDENTIAL=first["credential"]).status_code == 200
+
+
+def test_a_name_whose_worker_is_gone_can_be_taken_with_a_new_credential():
+    first = token_client().post("/api/v1/workers", {"name": "vm", "status": cpu_status()}, format="json").json()
+    Worker.objects.filter(name="vm").update(state="not_ready", last_heartbeat_at=timezone.now() - timedelta(hours=1))
+    taken = token_client().post("/api/v1/workers", {"name": "vm", "ip": "10.0.0.9", "status": cpu_status()},
+                                format="json")
+    assert taken.status_code == 201 and taken.json()["credential"] != first["credential"]
 
 
 def test_wrong_token_cannot_register():
