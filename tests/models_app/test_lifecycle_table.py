@@ -101,3 +101,44 @@ def test_old_history_is_pruned(instance):
     lifecycle.do_begin_analysis([instance.pk])
     instance.events.update(time=timezone.now() - timedelta(days=30))
     assert lifecycle.do_prune_events(keep_days=14) == 1 and not instance.events.exists()
+
+
+WRITERS = {"models_app/lifecycle.py", "workers_app/actions.py"}  # the only modules that may write a state
+WRITE_CALLS = {"update", "create", "bulk_create", "update_or_create", "get_or_create", "bulk_update"}
+
+
+def _state_writes(path):
+    """(line, what) for each write of a `state` field in one module: `x.state = …`, `….update(state=…)`,
+    `…create(defaults={"state": …})`."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [(node.lineno, "assignment") for t in targets
+                      if isinstance(t, ast.Attribute) and t.attr == "state"]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in WRITE_CALLS:
+            for keyword in node.keywords:
+                if keyword.arg == "state":
+                    found.append((node.lineno, f"{node.func.attr}(state=…)"))
+                elif keyword.arg == "defaults" and isinstance(keyword.value, ast.Dict):
+                    found += [(node.lineno, f"{node.func.attr}(defaults={{'state': …}})")
+                              for key in keyword.value.keys
+                              if isinstance(key, ast.Constant) and key.value == "state"]
+    return found
+
+
+def test_nothing_but_the_lifecycle_writes_a_state():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for package in ("aimind", "models_app", "workers_app", "scheduler_app", "gateway_app"):
+        for path in (root / package).rglob("*.py"):
+            relative = path.relative_to(root).as_posix()
+            if "/migrations/" in relative or relative in WRITERS:
+                continue
+            offenders += [f"{relative}:{line} {what}" for line, what in _state_writes(path)]
+    assert offenders == []
+    assert _state_writes(root / "models_app/lifecycle.py"), "the check no longer recognises the lifecycle's writes"
