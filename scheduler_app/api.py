@@ -12,6 +12,7 @@ from models_app.serializers import ModelSerializer
 from models_app.validation import flatten_errors
 from scheduler_app.estimate import EstimateError, estimate_model
 from scheduler_app.scheduler import find_placement
+from scheduler_app.selectors.common import distributed_servers_for
 from workers_app.models import Worker
 
 
@@ -47,7 +48,7 @@ def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
     chosen = result.candidate
     return {"compatible": True, "message": result.message, "placement": {
         "worker_name": chosen.worker_name, "gpu_indexes": chosen.gpu_indexes,
-        "computed_resource_claim": chosen.claim, "distributed_servers": []}}
+        "computed_resource_claim": chosen.claim, "distributed_servers": distributed_servers_for(chosen)}}
 
 
 class EvaluationView(APIView):

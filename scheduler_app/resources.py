@@ -50,14 +50,18 @@ class WorkerResources:
 
 
 def claims_by_worker(exclude_instance_ids: list[int] = ()) -> dict[int, list[dict]]:
-    """The claims of every placed instance, per worker (one query for the whole cluster). An instance stopped by a
-    permanent error holds none: it runs nothing until it is edited or deleted."""
+    """The claims of every placed instance, per worker (one query for the whole cluster): the main's on its worker,
+    each RPC server's (`distributed_servers`) on that server's worker. An instance stopped by a permanent error holds
+    none: it runs nothing until it is edited or deleted."""
     placed = (ModelInstance.objects.filter(worker__isnull=False).exclude(pk__in=list(exclude_instance_ids))
               .exclude(state=InstanceState.ERROR, error_kind=ErrorKind.PERMANENT)
-              .values_list("worker_id", "computed_resource_claim"))
+              .values_list("worker_id", "computed_resource_claim", "distributed_servers"))
     grouped: dict[int, list[dict]] = defaultdict(list)
-    for worker_id, claim in placed:
+    for worker_id, claim, servers in placed:
         grouped[worker_id].append(claim or {})
+        for server in servers or []:  # filtered here: JSONField __contains does not work on SQLite
+            if server.get("worker_id") is not None:
+                grouped[int(server["worker_id"])].append(server.get("computed_resource_claim") or {})
     return grouped
 
 

@@ -16,6 +16,7 @@ from models_app.lifecycle import do_begin_analysis, do_fail_instance, do_place, 
 from models_app.models import Model, ModelInstance
 from scheduler_app.estimate import EstimateError, ModelEstimate, estimate_model
 from scheduler_app.resources import WorkerResources, claims_by_worker, worker_resources
+from scheduler_app.selectors.common import distributed_servers_for
 from scheduler_app.session import PlacementResult, PlacementSession
 from workers_app.backends import get_backend
 from workers_app.models import Worker
@@ -121,11 +122,13 @@ def _place_one(instance: ModelInstance, est, session: PlacementSession, launches
         return InstanceState.PENDING
     version = instance.model.backend_version or get_backend(est.backend).default_version
     if not do_place(instance, result.message, worker=chosen.resources.worker, gpu_indexes=chosen.gpu_indexes,
-                    computed_resource_claim=chosen.claim, distributed_servers=[], backend=est.backend,
-                    backend_version=version):
+                    computed_resource_claim=chosen.claim, distributed_servers=distributed_servers_for(chosen),
+                    backend=est.backend, backend_version=version):
         return "gone"
     session.book(chosen)
     launches.append((instance.pk, chosen.resources.worker.queue))
+    for queue in dict.fromkeys(s.resources.worker.queue for s in chosen.subordinates):
+        launches.append((instance.pk, queue))  # its parts' workers start their RPC servers first
     return InstanceState.SCHEDULED
 
 

@@ -100,14 +100,19 @@ class PlacementSession:
         return PlacementResult(candidate, state.reasons, est.note)
 
     def book(self, candidate: Candidate) -> None:
-        res = candidate.resources
-        res.book(candidate.claim)
-        worker_id = res.worker.id
-        self.versions[worker_id] += 1
+        """Take the claims off the main worker and each subordinate's worker; every worker touched goes stale."""
+        candidate.resources.book(candidate.claim)
+        for subordinate in candidate.subordinates:
+            subordinate.resources.book(subordinate.claim)
+        touched = {id(r): r for r in [candidate.resources, *(s.resources for s in candidate.subordinates)]}
+        for res in touched.values():
+            self.versions[res.worker.id] += 1
         for state in self.states.values():
             if not state.fresh:
                 continue
             if not is_per_worker(state.stage):
                 state.fresh = False
-            elif any(r is res for r in state.kept):
-                self._push(state, state.stage(state.model, state.est, [res], Reasons()))
+                continue
+            for res in touched.values():
+                if any(r is res for r in state.kept):
+                    self._push(state, state.stage(state.model, state.est, [res], Reasons()))

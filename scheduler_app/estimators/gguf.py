@@ -150,7 +150,7 @@ def compute_buffer_bytes(info: GGUFModelInfo, ctx_size: int, parallel: int = 4) 
     return mask + activations + logits
 
 
-def _split_layers(n: int, weights: list[float]) -> list[int]:
+def split_layers(n: int, weights: list[float]) -> list[int]:
     """Whole layers per GPU in proportion to `weights` (largest remainder)."""
     total = sum(weights) or 1.0
     exact = [n * w / total for w in weights]
@@ -179,7 +179,7 @@ def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int |
         return LlamaBoxClaim(ram=int(ram), vram={}, offload_layers=0, total_layers=total_layers)
     ram -= 0 if info.output_tied else info.output_bytes  # a tied output is a GPU copy; token_embd stays on the CPU
     weights = tensor_split if tensor_split and len(tensor_split) == gpu_count else [1.0] * gpu_count
-    counts = _split_layers(gpu_blocks, weights)
+    counts = split_layers(gpu_blocks, weights)
     vram: dict[int, int] = {}
     block = cpu_blocks
     for gpu, count in enumerate(counts):
@@ -189,3 +189,73 @@ def estimate(info: GGUFModelInfo, *, ctx_size: int = 8192, offload_layers: int |
     vram[gpu_count - 1] += info.output_bytes  # the output layer goes with the last GPU
     return LlamaBoxClaim(ram=int(ram), vram={g: int(v) for g, v in vram.items()}, offload_layers=k,
                          total_layers=total_layers, tensor_split=tensor_split)
+
+
+# ggml-rpc-server beside the buffers it is sent: an allowance for the 2.2 MB static binary and its heap (not measured).
+RPC_SERVER_OVERHEAD = 32 * 1024**2
+
+
+@dataclass
+class SplitClaim:
+    """llama-server's layers spread over its own CPU and several devices (`--rpc` servers first, then its own GPUs)."""
+
+    main_ram: int  # the main's llama-server: token_embd, its CPU blocks (and their repacked copy), a compute buffer
+    device_bytes: list[int]  # per device, in llama-server's device order; a device's RPC process is not included
+    device_layers: list[int]  # layers per device; the output layer counts on the last
+    cpu_blocks: int  # the first blocks, kept in the main's RAM
+    total_layers: int
+
+    @property
+    def offload_layers(self) -> int:
+        """-ngl: everything but the CPU blocks."""
+        return self.total_layers - self.cpu_blocks
+
+
+@dataclass(frozen=True)
+class SplitCosts:
+    """What each part of a split costs, for one model and context: computed once, priced for many splits."""
+
+    main_fixed: int  # the main's RAM with every layer offloaded
+    device_fixed: int  # the compute buffer each device keeps
+    output: int  # the output layer, on the last device
+    block: list[int]  # block i on a device: its weights and KV cache
+    cpu_block: list[int]  # block i in the main's RAM: also its repacked copy (never on an RPC device)
+    total_layers: int
+
+    def claim(self, cpu_blocks: int, device_layers: list[int]) -> SplitClaim:
+        """The first `cpu_blocks` blocks on the main's CPU, then `device_layers[d]` layers per device in order."""
+        if (not device_layers or cpu_blocks < 0 or min(device_layers) < 0 or device_layers[-1] < 1
+                or cpu_blocks + sum(device_layers) != self.total_layers):
+            raise ValueError(f"{cpu_blocks} CPU blocks and {device_layers} do not make {self.total_layers} layers")
+        main_ram = self.main_fixed + sum(self.cpu_block[:cpu_blocks])
+        device_bytes = []
+        block = cpu_blocks
+        for d, layers in enumerate(device_layers):
+            count = layers - 1 if d == len(device_layers) - 1 else layers  # the output layer is not a block
+            device_bytes.append(sum(self.block[block:block + count]) + self.device_fixed)
+            block += count
+        device_bytes[-1] += self.output
+        return SplitClaim(main_ram=main_ram, device_bytes=device_bytes, device_layers=list(device_layers),
+                          cpu_blocks=cpu_blocks, total_layers=self.total_layers)
+
+
+def split_costs(info: GGUFModelInfo, *, ctx_size: int = 8192, cache_type_k: str = "f16", cache_type_v: str = "f16",
+                parallel: int = 4, cache_ram: int = 0) -> SplitCosts:
+    """Costs for `-ngl K --rpc … -ts …`, on the same terms as `estimate` (which they match for one device)."""
+    compute = compute_buffer_bytes(info, ctx_size, parallel)
+    kv = kv_cache_bytes(info, ctx_size, 1, cache_type_k, cache_type_v)
+    untied_output = 0 if info.output_tied else info.output_bytes  # a tied output is a device copy of token_embd
+    repack = info.layer_repack_bytes or [0] * info.n_layer
+    return SplitCosts(
+        main_fixed=PROCESS_OVERHEAD + cache_ram + info.non_layer_bytes - untied_output + compute,
+        device_fixed=compute,
+        output=info.output_bytes,
+        block=[b + kv for b in info.layer_bytes],
+        cpu_block=[b + r + kv for b, r in zip(info.layer_bytes, repack, strict=True)],
+        total_layers=info.n_layer + 1,
+    )
+
+
+def estimate_split(info: GGUFModelInfo, *, cpu_blocks: int, device_layers: list[int], **context) -> SplitClaim:
+    """The claim of one split: `cpu_blocks` + sum(`device_layers`) = n_layer + 1 (see `SplitCosts.claim`)."""
+    return split_costs(info, **context).claim(cpu_blocks, device_layers)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property, partial
 
 from models_app.models import Model
@@ -14,13 +15,24 @@ from scheduler_app.resources import WorkerResources
 
 
 @dataclass
+class Subordinate:
+    """One ggml-rpc-server of a placement across workers: on one GPU of another worker, or on a CPU-only worker."""
+
+    resources: WorkerResources
+    gpu_indexes: list[int]
+    claim: dict
+
+
+@dataclass
 class Candidate:
-    """A possible placement. The stored claim is built only for the one chosen (thousands are compared)."""
+    """A possible placement. The stored claim is built only for the one chosen (thousands are compared).
+    `subordinates`: the RPC servers the main's llama-server uses, in `--rpc` order (placements across workers)."""
 
     resources: WorkerResources
     gpu_indexes: list[int]
     build_claim: Callable[[], dict]
     offload_layers: int = 0
+    subordinates: list[Subordinate] = field(default_factory=list)
 
     @property
     def worker_name(self) -> str:
@@ -29,6 +41,18 @@ class Candidate:
     @cached_property
     def claim(self) -> dict:
         return self.build_claim()
+
+
+def distributed_servers_for(candidate: Candidate) -> list[dict]:
+    """The instance's `distributed_servers`, as stored and shown: one per RPC server, in `--rpc` order.
+
+    `attempt` numbers the parts' runs: each placement starts at the time of placing in milliseconds (a part a worker
+    still runs from an earlier placement of the same instance never passes for one of this placement), and each
+    failure or restart adds one."""
+    first = int(time.time() * 1000)
+    return [{"worker_id": s.resources.worker.id, "worker_name": s.resources.worker.name,
+             "gpu_indexes": list(s.gpu_indexes), "computed_resource_claim": s.claim, "host": None, "port": None,
+             "pid": None, "state": "pending", "attempt": first} for s in candidate.subordinates]
 
 
 class Reasons:
@@ -102,6 +126,11 @@ def manual_gpus(model: Model, res: WorkerResources) -> list[int] | None:
     if not manual:
         return None
     return [i for i in manual.get(res.worker.name, []) if i in res.gpu_total]
+
+
+def picked_on_several_workers(model: Model) -> bool:
+    """The GPU selector names GPUs on more than one worker: only a placement across those workers honours it."""
+    return len(parse_gpu_ids(model)) > 1
 
 
 def allowed_gpus(model: Model, res: WorkerResources) -> list[int]:

@@ -1,4 +1,5 @@
-"""llama-box (llama.cpp) selectors: one GPU → fewest GPUs on one worker → across workers → partial offload → CPU."""
+"""llama-box (llama.cpp) selectors: GPUs picked on several workers → one GPU → fewest GPUs on one worker → partial
+offload → CPU → across workers (the last two in `llama_box_distributed`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from scheduler_app.selectors.common import (
     llama_box_candidate,
     manual_gpus,
     per_worker,
+    picked_on_several_workers,
 )
+from scheduler_app.selectors.llama_box_distributed import across_picked_gpus, across_workers
 
 
 def _fits(claim, gpus: list[int], res: WorkerResources) -> bool:
@@ -30,6 +33,8 @@ def _split_for(est: ModelEstimate, gpus: list[int], res: WorkerResources) -> lis
 
 @per_worker
 def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    if picked_on_several_workers(model):
+        return []  # one worker would ignore GPUs picked on the others
     claim = est.claim(offload_layers=est.total_layers, gpu_count=1)
     need = claim.vram.get(0, 0)
     found = []
@@ -50,6 +55,8 @@ def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], re
 
 def multi_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
     """The fewest GPUs of one worker that hold the whole model, split in proportion to their free VRAM."""
+    if picked_on_several_workers(model):
+        return []
     found = []
     for res in pool:
         gpus = allowed_gpus(model, res)
@@ -70,13 +77,10 @@ def multi_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], rea
     return fewest_gpus(found)
 
 
-def across_workers(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
-    """Distributed inference over several workers (llama.cpp RPC); the distributed-inference issue fills this."""
-    return []
-
-
 def partial_offload(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
     """As many layers on the worker's GPUs as fit, the rest in RAM; the workers that offload the most win."""
+    if picked_on_several_workers(model):
+        return []
     found = []
     for res in pool:
         gpus = allowed_gpus(model, res)
@@ -123,4 +127,5 @@ def cpu_only(model: Model, est: ModelEstimate, pool: list[WorkerResources], reas
     return found
 
 
-SELECTORS = [single_gpu, multi_gpu, across_workers, partial_offload, cpu_only]
+# Picked GPUs on several workers are honoured first; otherwise a placement across workers is the last resort.
+SELECTORS = [across_picked_gpus, single_gpu, multi_gpu, partial_offload, cpu_only, across_workers]

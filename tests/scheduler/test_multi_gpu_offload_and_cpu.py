@@ -88,7 +88,7 @@ def test_not_ready_worker_is_skipped_with_the_reason(register, deploy, llama_8b)
 def test_many_workers_with_the_same_story_share_one_line(register, deploy, llama_70b):
     for n in range(6):
         register(f"small-{n}", ram_gib=8)
-    [instance] = deploy(llama_70b)
+    [instance] = deploy(llama_70b, distributed_inference_across_workers=False)
     assert "small-0, small-1, small-2 and 3 more: needs" in instance.state_message
     assert len(instance.state_message) < 200
 
