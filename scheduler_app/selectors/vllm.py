@@ -9,6 +9,7 @@ from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.estimators import hf
 from scheduler_app.resources import WorkerResources, gib
+from scheduler_app.selectors import vllm_distributed
 from scheduler_app.selectors.common import (
     Candidate,
     Reasons,
@@ -86,4 +87,4 @@ def cpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: 
     return found
 
 
-SELECTORS = [gpus_on_one_worker, cpu]
+SELECTORS = [gpus_on_one_worker, cpu, vllm_distributed.across_workers]

@@ -25,7 +25,8 @@ def test_automatic_choice_follows_format_and_category(fmt, categories, backend):
 
 
 def test_each_backend_names_its_selectors():
-    assert pipeline("vllm") == [vllm_selectors.gpus_on_one_worker, vllm_selectors.cpu]
+    assert pipeline("vllm") == [vllm_selectors.gpus_on_one_worker, vllm_selectors.cpu,
+                                vllm_selectors.vllm_distributed.across_workers]
     assert all(pipeline(name) for name in backends.names())
 
 

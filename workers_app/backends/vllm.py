@@ -14,6 +14,7 @@ from workers_app.backends.base import (
     Installation,
     LaunchSpec,
     NodeInfo,
+    PartSpec,
     Progress,
     register,
 )
@@ -25,6 +26,7 @@ REFUSALS = ("pydantic_core._pydantic_core.ValidationError", "HFValidationError",
             "Invalid repository ID or local directory")
 _FLAGS = {"--max-model-len": "max_model_len", "--gpu-memory-utilization": "gpu_memory_utilization",
           "--tensor-parallel-size": "tensor_parallel_size", "-tp": "tensor_parallel_size",
+          "--pipeline-parallel-size": "pipeline_parallel_size", "-pp": "pipeline_parallel_size",
           "--kv-cache-memory-bytes": "kv_cache_memory_bytes"}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmgtKMGT]?)$")
 
@@ -71,7 +73,10 @@ class VLLM(Backend):
     formats = frozenset({"hf"})
     categories = frozenset({"llm", "embedding", "reranker", "image"})
     selectors = "scheduler_app.selectors.vllm.SELECTORS"
-    reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name", "--api-key"})
+    reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name", "--api-key", "--nnodes",
+                                "--node-rank", "--master-addr", "--master-port", "--headless"})
+    part_listens = False  # a headless node dials its main
+    part_needs_model = True
     reserved_env = PLACEMENT_ENV | {"VLLM_API_KEY"}
     api_key_env = "VLLM_API_KEY"
 
@@ -126,21 +131,47 @@ class VLLM(Backend):
     def command(self, spec: LaunchSpec) -> list[str]:
         if spec.installation is None:
             raise BackendError("vLLM is not installed on this worker")
-        given = flag_names(spec.backend_parameters)
-        claim = spec.claim
         cmd = [str(spec.installation.entry), "-m", "vllm.entrypoints.openai.api_server", "--model",
                str(spec.model_path), "--served-model-name", spec.model_name, "--host", spec.host, "--port",
                str(spec.port)]
-        if spec.gpu_indexes and not given & {"--tensor-parallel-size", "-tp"}:
-            cmd += ["--tensor-parallel-size", str(len(spec.gpu_indexes))]
+        return cmd + self._engine_flags(spec.claim, spec.gpu_indexes, spec.backend_parameters, rank=0,
+                                        main_host=spec.host, master_port=spec.master_port)
+
+    def part_command(self, part: PartSpec) -> list[str]:
+        """A headless node of a model across workers: its pipeline stage, joining the main at its master port."""
+        if part.model_path is None:
+            raise BackendError("a vLLM node needs the model's files on its worker")
+        cmd = [str(part.installation.entry), "-m", "vllm.entrypoints.openai.api_server", "--model",
+               str(part.model_path), "--served-model-name", part.model_name]
+        rank = int(part.claim.get("node_rank") or part.index + 1)
+        return cmd + self._engine_flags(part.claim, part.gpu_indexes, part.backend_parameters, rank=rank,
+                                        main_host=part.main_host, master_port=part.master_port) + ["--headless"]
+
+    def _engine_flags(self, claim: dict, gpu_indexes: list[int], params: list[str], *, rank: int, main_host: str,
+                      master_port: int) -> list[str]:
+        given = flag_names(params)
+        cmd: list[str] = []
+        nodes = int(claim.get("pipeline_parallel_size") or 1)
+        tp = int(claim.get("tensor_parallel_size") or len(gpu_indexes) or 1)
+        if (gpu_indexes or nodes > 1) and not given & {"--tensor-parallel-size", "-tp"}:
+            cmd += ["--tensor-parallel-size", str(tp)]
+        if nodes > 1:  # one pipeline stage per node, joined by vLLM's multiprocessing multi-node mode
+            cmd += ["--pipeline-parallel-size", str(nodes), "--distributed-executor-backend", "mp",
+                    "--nnodes", str(nodes), "--node-rank", str(rank), "--master-addr", main_host,
+                    "--master-port", str(master_port)]
         memory_given = given & {"--gpu-memory-utilization", "--kv-cache-memory-bytes"}
-        if spec.gpu_indexes and claim.get("gpu_memory_utilization") and not memory_given:
+        if gpu_indexes and claim.get("gpu_memory_utilization") and not memory_given:
             cmd += ["--gpu-memory-utilization", f"{claim['gpu_memory_utilization']:g}"]
-        elif not spec.gpu_indexes and claim.get("kv_cache_bytes") and not memory_given:
+        elif not gpu_indexes and claim.get("kv_cache_bytes") and not memory_given:
             cmd += ["--kv-cache-memory-bytes", str(claim["kv_cache_bytes"])]  # on CPU: the KV cache the claim counted
         if claim.get("max_model_len") and "--max-model-len" not in given:
             cmd += ["--max-model-len", str(claim["max_model_len"])]
-        return cmd + list(spec.backend_parameters)
+        return cmd + list(params)
+
+    def part_environment(self, gpu_indexes: list[int]) -> dict[str, str]:
+        cache = installs.cache_dir() / "backends" / self.name / "cache"
+        return {"VLLM_CACHE_ROOT": str(cache), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                "HF_HUB_OFFLINE": "1", **super().part_environment(gpu_indexes)}
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         cache = installs.cache_dir() / "backends" / self.name / "cache"
