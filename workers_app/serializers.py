@@ -17,6 +17,23 @@ def check_labels(value: dict) -> dict:
     return value
 
 
+class ReservedField(serializers.DictField):
+    """`system_reserved`: the RAM (`ram`) and the VRAM per GPU (`vram`) a worker keeps for itself, in bytes."""
+
+    KEYS = ("ram", "vram")
+
+    def __init__(self, **kwargs):
+        super().__init__(child=serializers.IntegerField(**BYTES), required=False, **kwargs)
+
+    def to_internal_value(self, data):
+        value = super().to_internal_value(data)
+        unknown = sorted(set(value) - set(self.KEYS))
+        if unknown:
+            raise serializers.ValidationError(f"unknown key {unknown[0]!r}: system_reserved takes ram and vram "
+                                              f"(bytes)")
+        return value
+
+
 class GpuStatusSerializer(serializers.Serializer):
     index = serializers.IntegerField(min_value=0, max_value=1023)
     name = serializers.CharField(required=False, allow_blank=True, default="", max_length=255)
@@ -57,7 +74,7 @@ class WorkerSerializer(serializers.ModelSerializer):
         "invalid": "letters, digits and . _ - @ : only, starting with a letter or digit (it names a queue)"})
     status = WorkerStatusSerializer(required=False)
     labels = bounded_labels()
-    system_reserved = serializers.DictField(child=serializers.IntegerField(**BYTES), required=False)
+    system_reserved = ReservedField()
 
     def validate_labels(self, value):
         return check_labels(value)
@@ -74,7 +91,7 @@ class WorkerLabelsSerializer(serializers.ModelSerializer):
     """What an operator may change on a worker: its labels (and reservation)."""
 
     labels = bounded_labels()
-    system_reserved = serializers.DictField(child=serializers.IntegerField(**BYTES), required=False)
+    system_reserved = ReservedField()
 
     def validate_labels(self, value):
         return check_labels(value)

@@ -1,4 +1,5 @@
-"""Resources (SPEC §5): workers with their memory as bars and their labels, which an operator edits here; GPUs."""
+"""Resources (SPEC §5): workers with their memory as bars, their labels and reserved memory, which an operator edits
+here; GPUs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from scheduler_app.scheduler import build_pool
 from workers_app import actions
 from workers_app.models import Worker
 from workers_app.serializers import WorkerLabelsSerializer
+from workers_app.sizes import format_size, parse_size
 
 
 def share(used: int, total: int) -> int:
@@ -40,7 +42,9 @@ def worker_rows(workers: list[Worker]) -> list[dict]:
         rows.append({"worker": worker, "cpu_percent": max(0, min(100, int(cpu.get("utilization") or 0))),
                      "ram_total": ram_total, "ram_used": ram_used,
                      "ram_percent": share(ram_used, ram_total), "ram_claimed": res.ram_total - res.ram_free,
-                     "gpus": gpus, "labels": sorted(worker.labels.items())})
+                     "gpus": gpus, "labels": sorted(worker.labels.items()),
+                     "reserved_ram": int((worker.system_reserved or {}).get("ram") or 0),
+                     "reserved_vram": int((worker.system_reserved or {}).get("vram") or 0)})
     return rows
 
 
@@ -54,29 +58,47 @@ class ResourcesView(AdminRequiredMixin, TemplateView):
         return {**super().get_context_data(**kwargs), "rows": rows, "has_gpus": any(r["gpus"] for r in rows)}
 
 
+RESERVED_FIELDS = (("reserved_ram", "ram"), ("reserved_vram", "vram"))
+
+
 class WorkerLabelsView(AdminRequiredMixin, View):
-    """Edit a worker's labels as rows of key and value."""
+    """Edit a worker's labels (rows of key and value) and the memory it keeps for itself (`system_reserved`)."""
 
     template_name = "workers/labels.html"
     permissions = ("workers_app.change_worker",)
 
+    def page(self, request, worker: Worker, rows, reserved: dict[str, str], errors: list[str], status: int = 200):
+        return render(request, self.template_name, {"worker": worker, "rows": rows, "reserved": reserved,
+                                                    "errors": errors, "nav": "resources"}, status=status)
+
     def get(self, request, pk: int):
         worker = get_object_or_404(Worker, pk=pk)
-        rows = sorted(worker.labels.items()) or [("", "")]
-        return render(request, self.template_name, {"worker": worker, "rows": rows, "errors": [], "nav": "resources"})
+        current = worker.system_reserved or {}
+        reserved = {field: format_size(int(current.get(key) or 0)) for field, key in RESERVED_FIELDS}
+        return self.page(request, worker, sorted(worker.labels.items()) or [("", "")], reserved, [])
 
     def post(self, request, pk: int):
         worker = get_object_or_404(Worker, pk=pk)
         keys, values = request.POST.getlist("label_key"), request.POST.getlist("label_value")
         rows = [(k.strip(), v.strip()) for k, v in zip(keys, values, strict=False) if k.strip() or v.strip()]
-        serializer = WorkerLabelsSerializer(worker, data={"labels": dict(rows)}, partial=True)
-        errors = [] if serializer.is_valid() else [f"{k}: {m}" for k, v in serializer.errors.items()
-                                                   for m in flatten_errors(v)]
+        reserved_text = {field: request.POST.get(field, "").strip() or "0" for field, _ in RESERVED_FIELDS}
+        errors = []
+        reserved = dict(worker.system_reserved or {})
+        for field, key in RESERVED_FIELDS:
+            try:
+                reserved[key] = parse_size(reserved_text[field])
+            except ValueError as exc:
+                label = _("Reserved RAM") if key == "ram" else _("Reserved VRAM per GPU")
+                errors.append(f"{label}: {exc}")
+        serializer = WorkerLabelsSerializer(worker, data={"labels": dict(rows), "system_reserved": reserved},
+                                            partial=True)
+        if not errors and not serializer.is_valid():
+            errors = [f"{k}: {m}" for k, v in serializer.errors.items() for m in flatten_errors(v)]
         if any(not k for k, _ in rows):
             errors.append(_("Every label needs a key."))
         if errors:
-            return render(request, self.template_name, {"worker": worker, "rows": rows or [("", "")],
-                                                        "errors": errors, "nav": "resources"}, status=400)
-        actions.do_update_worker(worker, {"labels": serializer.validated_data["labels"]})
-        messages.success(request, _("Labels of %(name)s saved.") % {"name": worker.name})
+            return self.page(request, worker, rows or [("", "")], reserved_text, errors, status=400)
+        actions.do_update_worker(worker, {"labels": serializer.validated_data["labels"],
+                                          "system_reserved": serializer.validated_data["system_reserved"]})
+        messages.success(request, _("%(name)s saved.") % {"name": worker.name})
         return redirect("resources")
