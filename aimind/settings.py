@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -128,6 +129,11 @@ if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"
     # WAL: the web, scheduler and worker processes read while one writes; NORMAL sync is safe under WAL.
     DATABASES["default"]["OPTIONS"]["init_command"] = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+# A worker node (`manage.py worker`) talks to the server's API only: it gets no database at all, so it needs no
+# credentials for one, and a query from its code fails loudly (ImproperlyConfigured) instead of working by accident.
+WORKER_NODE = len(sys.argv) > 1 and sys.argv[1] == "worker" and Path(sys.argv[0]).name == "manage.py"
+if WORKER_NODE:
+    DATABASES = {"default": {"ENGINE": "django.db.backends.dummy"}}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = []

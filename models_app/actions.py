@@ -41,17 +41,21 @@ def _after_commit_schedule(instance_ids: Iterable[int]) -> None:
 
 def _after_commit_stop(instances: Iterable[ModelInstance]) -> None:
     """Tell each instance's worker to end its process once the row is gone."""
+    instances = list(instances)
     targets = [(i.id, i.worker.queue) for i in instances if i.worker_id is not None]
-    if not targets:
+    parts = {f"worker.{p.get('worker_name')}" for i in instances for p in i.distributed_servers or []}
+    if not targets and not parts:
         return
 
     def send() -> None:
         from scheduler_app.tasks import schedule_pending_instances
         from workers_app import logs
-        from workers_app.tasks import stop_instance
+        from workers_app.tasks import stop_instance, sync_instances
 
         for instance_id, queue in targets:
             stop_instance.apply_async(args=[instance_id], queue=queue)
+        for queue in parts:  # the workers of its RPC servers end them
+            sync_instances.apply_async(queue=queue)
         schedule_pending_instances.delay()  # the freed resources may let a pending instance fit
         logs.forget([instance_id for instance_id, _ in targets])
 

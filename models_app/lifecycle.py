@@ -24,6 +24,17 @@ PERMANENT_SUFFIX = " (not restarted automatically: edit the model or delete the 
 PREPARING = (S.SCHEDULED, S.DOWNLOADING, S.INITIALIZING)
 
 
+# A distributed instance's RPC servers (its parts, `distributed_servers`) start over with each attempt: on a failure
+# and on a restart every part is stopped and started again, subordinates first (the main waits for them).
+PARTS_START_OVER = (S.ERROR, S.SCHEDULED)
+PART_ACTIVE_STATES = (S.SCHEDULED, S.DOWNLOADING, S.INITIALIZING, S.STARTING, S.RUNNING, S.UNREACHABLE)
+
+
+def _parts_start_over(parts: list[dict]) -> list[dict]:
+    return [{**part, "state": "pending", "host": None, "port": None, "pid": None,
+             "attempt": int(part.get("attempt") or 0) + 1} for part in parts]
+
+
 class IllegalTransition(ValueError):
     """Code asked for a move the lifecycle does not have: a bug, never a user's doing."""
 
@@ -45,17 +56,23 @@ def _transition(instances: ModelInstance | Iterable[int], to: str, *, cause: str
         query = ModelInstance.objects.select_for_update().filter(pk__in=ids, state__in=sources)
         if on_worker is not None:
             query = query.filter(worker__name=on_worker)
-        rows = list(query.values_list("pk", "state", "name"))
+        rows = list(query.values_list("pk", "state", "name", "distributed_servers"))
         if not rows:
             return []
-        moved = [pk for pk, _, _ in rows]
+        moved = [pk for pk, *_ in rows]
         ModelInstance.objects.filter(pk__in=moved).update(state=to, state_message=message, updated_at=now, **fields)
+        if to in PARTS_START_OVER and "distributed_servers" not in fields:
+            for pk, _, _, parts in rows:
+                if parts:
+                    ModelInstance.objects.filter(pk=pk).update(distributed_servers=_parts_start_over(parts))
         InstanceEvent.objects.bulk_create(InstanceEvent(instance_id=pk, from_state=state, to_state=to, cause=cause,
-                                                        message=message[:4000]) for pk, state, _ in rows)
-    for _, state, name in rows:
+                                                        message=message[:4000]) for pk, state, *_ in rows)
+    for _, state, name, _ in rows:
         logger.info("instance %s: %s -> %s (%s) %s", name, state, to, cause, message)
     if single is not None:
         single.state, single.state_message, single.updated_at = to, message, now
+        if to in PARTS_START_OVER and "distributed_servers" not in fields and single.distributed_servers:
+            single.distributed_servers = _parts_start_over(single.distributed_servers)
         for name, value in fields.items():
             setattr(single, name, value)
     return moved
@@ -101,7 +118,7 @@ def do_mark_running(instance: ModelInstance, message: str = "") -> bool:
 
 
 def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iterable[str],
-                     permanent: bool = False) -> bool:
+                     permanent: bool = False, cause: str = "failed") -> bool:
     """The instance failed: `error`. A transient failure books its restart (if the model wants one) as data, not a
     timer. A permanent one (bad arguments, missing file, unknown version) books none and releases its claim, so
     other instances may use the memory; editing the model or deleting the instance gives it another try."""
@@ -114,7 +131,7 @@ def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iter
         return failed
     restart = Model.objects.filter(pk=instance.model_id, restart_on_error=True).exists()
     next_at = timezone.now() + timedelta(seconds=restart_delay(instance.restart_count)) if restart else None
-    return bool(_transition(instance, S.ERROR, cause="failed", message=message, from_states=from_states,
+    return bool(_transition(instance, S.ERROR, cause=cause, message=message, from_states=from_states,
                             error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=next_at))
 
 
@@ -181,6 +198,45 @@ def do_forgive_restarts(instance: ModelInstance) -> bool:
     cutoff = timezone.now() - timedelta(seconds=settings.RESTART_RESET_AFTER)
     return bool(ModelInstance.objects.filter(pk=instance.pk, state=S.RUNNING, running_since__lte=cutoff,
                                              restart_count__gt=0).update(restart_count=0))
+
+
+# The parts of a distributed instance (the RPC servers on its subordinate workers).
+
+def do_record_part_ready(instance_id: int, index: int, worker_id: int, attempt: int, *, host: str, port: int,
+                         pid: int) -> bool:
+    """A subordinate's RPC server answers: the main may use it. Only for the attempt it was started for."""
+    with transaction.atomic():
+        instance = ModelInstance.objects.select_for_update().filter(
+            pk=instance_id, state__in=PART_ACTIVE_STATES).first()
+        parts = list(instance.distributed_servers or []) if instance is not None else []
+        if not 0 <= index < len(parts) or parts[index].get("worker_id") != worker_id \
+                or int(parts[index].get("attempt") or 0) != attempt:
+            return False
+        parts[index] = {**parts[index], "state": "ready", "host": host, "port": port, "pid": pid}
+        ModelInstance.objects.filter(pk=instance_id).update(distributed_servers=parts, updated_at=timezone.now())
+    return True
+
+
+def do_fail_part(instance: ModelInstance, index: int, message: str) -> bool:
+    """A subordinate's RPC server died or would not start: the whole instance fails, and restarts as a group."""
+    part = (instance.distributed_servers or [])[index]
+    where = f"RPC server {index} on worker {part.get('worker_name')}" + (
+        f" (port {part['port']})" if part.get("port") else "")
+    return do_fail_instance(instance, f"{where}: {message}", cause="part_failed", from_states=PART_ACTIVE_STATES)
+
+
+def do_lose_parts(worker_name: str, worker_id: int) -> list[int]:
+    """A subordinate worker went silent: each instance with a part on it fails with that cause and is placed again
+    (the worker may not return; the main and the other parts end theirs when they see the instance gone)."""
+    hit = [pk for pk, parts in ModelInstance.objects.exclude(distributed_servers=[]).exclude(
+        error_kind=ErrorKind.PERMANENT).values_list("pk", "distributed_servers")
+        if any(p.get("worker_id") == worker_id for p in parts or [])]
+    if not hit:
+        return []
+    message = f"subordinate worker {worker_name} is not ready"
+    _transition(hit, S.ERROR, cause="part_lost", message=message, from_states=PART_ACTIVE_STATES,
+                error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=None)
+    return do_unplace(hit, f"{message}; placing the instance again", cause="moved")
 
 
 # Lost, removed and stuck.

@@ -21,7 +21,8 @@ from tests.factories import make_worker
 pytestmark = pytest.mark.django_db
 
 # What kind of door each route is. api: the management API (an admin's key or session, with permissions);
-# page: the product's pages (sign-in redirect); gateway: /v1 (any usable key); worker: the cluster token;
+# page: the product's pages (sign-in redirect); gateway: /v1 (any usable key); worker: the cluster token and that
+# worker's own credential (its node agent's routes);
 # public: needs nothing (sign in, the language switch); admin: Django's admin site; schema: the OpenAPI schema and
 # its docs, for any admin (staff), permissions or not.
 RULES = {
@@ -33,6 +34,7 @@ RULES = {
     r"^models/<int:pk>/edit/$": "page", r"^models/(?P<pk>": "page-post", r"^instances/<int:pk>/delete/$": "page-post",
     r"^instances/<int:pk>/logs/$": "page", r"^instances/<int:pk>/logs/download$": "page",
     r"^resources/$": "page", r"^resources/workers/<int:pk>/edit/$": "page",
+    r"^api/v1/workers/<int:pk>/assignments$": "worker", r"^api/v1/workers/<int:pk>/reports$": "worker-post",
 }
 ROUTER_KINDS = {"models": "api", "instances": "api", "workers": "api", "keys": "api"}
 
@@ -54,6 +56,9 @@ def routes() -> list[str]:
 
 
 def kind_of(route: str) -> str | None:
+    exact = {pattern.rstrip("$"): kind for pattern, kind in RULES.items()}
+    if route.rstrip("$") in exact:
+        return exact[route.rstrip("$")]
     if route.startswith("^api/v1/") and route.split("/")[2] in ROUTER_KINDS:
         return ROUTER_KINDS[route.split("/")[2]]
     for pattern, kind in RULES.items():
@@ -138,7 +143,7 @@ def test_an_admin_passes_every_door(callers):
     for caller in ("admin key", "admin session"):
         for route in routes():
             kind = kind_of(route)
-            if kind.endswith("-post") or kind in ("public", "gateway", "admin") or "(?P<format>" in route:
+            if kind.endswith("-post") or kind in ("public", "gateway", "admin", "worker") or "(?P<format>" in route:
                 continue
             if kind == "page" and caller.endswith("key"):
                 continue  # the pages are for a browser's session; a key signs nobody in
@@ -168,3 +173,21 @@ def test_a_revoked_key_stops_at_once(admin_user, api):
     assert client.get("/v1/models").status_code == 401
     listed = {k["name"]: k for k in api.get("/api/v1/keys").json()}
     assert listed["ci"]["revoked_at"] and "key" not in listed["ci"]
+
+
+def test_a_workers_own_routes_open_to_its_own_credential_only(callers):
+    register = Client(HTTP_AUTHORIZATION="Bearer test-cluster-token")
+    one = register.post("/api/v1/workers", {"name": "one", "ip": "10.0.0.1"}, content_type="application/json").json()
+    two = register.post("/api/v1/workers", {"name": "two", "ip": "10.0.0.2"}, content_type="application/json").json()
+    assert len([r for r in routes() if kind_of(r).startswith("worker")]) == 2
+    own = Client(HTTP_AUTHORIZATION="Bearer test-cluster-token", HTTP_X_WORKER_CREDENTIAL=one["credential"])
+    others = Client(HTTP_AUTHORIZATION="Bearer test-cluster-token", HTTP_X_WORKER_CREDENTIAL=two["credential"])
+    no_token = Client(HTTP_AUTHORIZATION="Bearer aimind-not-a-key", HTTP_X_WORKER_CREDENTIAL=one["credential"])
+    assert own.get(f"/api/v1/workers/{one['id']}/assignments").json() == {"instances": []}
+    report = {"event": "alive", "instances": []}
+    assert own.post(f"/api/v1/workers/{one['id']}/reports", report, content_type="application/json").json() == {
+        "applied": True, "instance": None}
+    for client in (others, no_token, callers["admin key"], callers["admin session"], callers["cluster token"]):
+        assert client.get(f"/api/v1/workers/{one['id']}/assignments").status_code in REFUSED
+        assert client.post(f"/api/v1/workers/{one['id']}/reports", report,
+                           content_type="application/json").status_code in REFUSED

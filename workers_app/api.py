@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.http.request import split_domain_port
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -9,11 +10,9 @@ from rest_framework.views import APIView
 from gateway_app.authentication import bearer_token
 from models_app.pagination import HeaderPagination
 from workers_app import actions
-from workers_app.cluster import is_cluster_token
+from workers_app.cluster import CREDENTIAL_HEADER, broker_url_for, is_cluster_token
 from workers_app.models import Worker
 from workers_app.serializers import HeartbeatSerializer, WorkerLabelsSerializer, WorkerSerializer
-
-CREDENTIAL_HEADER = "X-Worker-Credential"
 
 
 class HasClusterToken(permissions.BasePermission):
@@ -61,6 +60,8 @@ class WorkerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
                                        f"credential ({CREDENTIAL_HEADER}), or wait until it is not ready"},
                             status=status.HTTP_409_CONFLICT)
         body = WorkerSerializer(worker).data
+        # The broker (with its password) for the worker's queue and log shipping: a worker node needs nothing else.
+        body["broker_url"] = broker_url_for(split_domain_port(request.get_host())[0].strip("[]"))
         if issued:
             body["credential"] = issued
         return Response(body, status=status.HTTP_201_CREATED)

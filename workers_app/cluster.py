@@ -1,4 +1,5 @@
-"""The cluster token that workers present to join; from AIMIND_TOKEN or generated once in the data dir."""
+"""What a worker needs to join: the cluster token (from AIMIND_TOKEN or generated once in the data dir), its own
+credential afterwards, and the broker address it learns from its registration."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import hmac
 import os
 import secrets
 from functools import cache
+from urllib.parse import urlsplit, urlunsplit
 
 from django.conf import settings
+
+CREDENTIAL_HEADER = "X-Worker-Credential"
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @cache
@@ -26,3 +31,18 @@ def cluster_token() -> str:
 
 def is_cluster_token(candidate: str | None) -> bool:
     return bool(candidate) and hmac.compare_digest(candidate, cluster_token())
+
+
+def broker_url_for(server_host: str) -> str:
+    """The Redis a worker that reached this server at `server_host` should use: REDIS_URL, with a loopback host
+    replaced by `server_host` (the embedded Redis listens where the web server does)."""
+    url = settings.REDIS_URL
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.hostname not in LOOPBACK or server_host in LOOPBACK or not server_host:
+        return url
+    auth = parts.netloc.rpartition("@")[0]
+    host = f"[{server_host}]" if ":" in server_host else server_host
+    netloc = (auth + "@" if auth else "") + host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

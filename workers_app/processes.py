@@ -42,18 +42,20 @@ def pidfile_dir(data_dir: Path) -> Path:
     return path
 
 
-def write_pidfile(data_dir: Path, proc: BackendProcess, worker_name: str) -> None:
+def write_pidfile(data_dir: Path, proc: BackendProcess, worker_name: str, key: str = "", **extra) -> None:
+    """Record a process this agent started, so that a restarted agent can find it again. `key` names the record
+    (default: the instance id; an RPC part has its own)."""
     create_time = psutil.Process(proc.pid).create_time()
     record = {"instance_id": proc.instance_id, "pid": proc.pid, "create_time": create_time,
-              "port": proc.port, "worker": worker_name}
-    target = pidfile_dir(data_dir) / f"{proc.instance_id}.json"
+              "port": proc.port, "worker": worker_name, "key": key or str(proc.instance_id), **extra}
+    target = pidfile_dir(data_dir) / f"{key or proc.instance_id}.json"
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.replace(target)
 
 
-def remove_pidfile(data_dir: Path, instance_id: int) -> None:
-    (pidfile_dir(data_dir) / f"{instance_id}.json").unlink(missing_ok=True)
+def remove_pidfile(data_dir: Path, key: int | str) -> None:
+    (pidfile_dir(data_dir) / f"{key}.json").unlink(missing_ok=True)
 
 
 def recorded_processes(data_dir: Path) -> list[dict]:

@@ -8,7 +8,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_app.choices import InstanceState
-from models_app.lifecycle import do_mark_unreachable, do_move_off_lost_worker
+from models_app.lifecycle import do_lose_parts, do_mark_unreachable, do_move_off_lost_worker
 from models_app.models import ModelInstance
 from workers_app.actions import do_mark_worker_not_ready
 from workers_app.choices import WorkerState
@@ -20,6 +20,14 @@ def launch_instance(instance_id: int) -> None:
     from workers_app.agent import current_agent
 
     current_agent().launch(instance_id)
+
+
+@shared_task(name="workers_app.tasks.sync_instances", ignore_result=True)
+def sync_instances() -> None:
+    """Something about this worker's instances or parts changed: look at the server's view now, not in a second."""
+    from workers_app.agent import current_agent
+
+    current_agent().sync_soon()
 
 
 @shared_task(name="workers_app.tasks.stop_instance", ignore_result=True)
@@ -41,6 +49,7 @@ def mark_stale_workers() -> int:
         with transaction.atomic():
             if do_mark_worker_not_ready(worker, cutoff):
                 do_mark_unreachable(worker.name)
+                do_lose_parts(worker.name, worker.pk)
     return len(stale)
 
 

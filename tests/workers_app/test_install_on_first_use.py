@@ -9,13 +9,16 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from django.core.wsgi import get_wsgi_application
 
 from models_app import actions
 from models_app.models import ModelInstance
-from tests.factories import make_worker
 from workers_app.agent import NodeAgent
 from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec, registered
+from workers_app.models import Worker
+from workers_app.server_link import ServerLink
 
 pytestmark = pytest.mark.django_db(transaction=True)  # the agent's threads use connections of their own
 
@@ -56,7 +59,11 @@ class SlowBackend(Backend):
 
 @pytest.fixture
 def agent(tmp_path):
-    running = NodeAgent(name="w", server_url="http://127.0.0.1:9", token="t", ip="127.0.0.1", data_dir=tmp_path)
+    """A real agent talking to the real API, in this process (WSGI), as worker `w`."""
+    link = ServerLink("http://testserver", "test-cluster-token", tmp_path / "worker-credential",
+                      transport=httpx.WSGITransport(app=get_wsgi_application()))
+    running = NodeAgent(name="w", server_url=link.server_url, token="", ip="127.0.0.1", data_dir=tmp_path, link=link)
+    running.join(attempts=1)
     yield running
     running.shutdown()
 
@@ -73,7 +80,7 @@ def slow(tmp_path):
 def scheduled_instance(tmp_path) -> ModelInstance:
     model_file = tmp_path / "m.gguf"
     model_file.write_bytes(b"GGUF")
-    worker = make_worker("w")
+    worker = Worker.objects.get(name="w")
     model = actions.do_create_model(name="m", source="local_path", local_path=str(model_file), replicas=0,
                                     backend="llama-box")
     return ModelInstance.objects.create(model=model, name="m-1", state="scheduled", worker=worker, backend="slow",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from workers_app.backends.base import Installation, LaunchSpec
+from workers_app.backends.base import Installation, LaunchSpec, PartSpec
 from workers_app.backends.llama_box import LlamaBox
 
 HELP = "usage: llama-server [options]\n  -m, --model FNAME\n  -c, --ctx-size N\n  -ngl, --n-gpu-layers N\n"
@@ -87,3 +87,21 @@ def test_exit_cause_is_the_last_line_that_reads_like_an_error():
     assert backend.error_from_log(["loading", "error: invalid argument: --no-such-flag", "usage: ..."]) == \
         "error: invalid argument: --no-such-flag"
     assert backend.error_from_log(["main: server is listening on http://127.0.0.1:4000"]) == ""
+
+
+def test_a_distributed_main_names_its_rpc_servers_first_and_splits_by_their_layers(spec):
+    claim = {"offload_layers": 5, "total_layers": 9, "tensor_split": [3.0, 2.0], "ctx_size": 512}
+    cmd = LlamaBox().command(spec(claim=claim, rpc_servers=["10.0.0.2:50052", "10.0.0.3:50052"]))
+    assert cmd[cmd.index("--rpc") + 1] == "10.0.0.2:50052,10.0.0.3:50052"
+    assert cmd[cmd.index("-ngl") + 1] == "5"
+    assert cmd[cmd.index("--tensor-split") + 1] == "3,2"
+
+
+def test_a_subordinate_runs_the_builds_rpc_server_on_its_own_address(installation, tmp_path):
+    rpc = tmp_path / "ggml-rpc-server"
+    rpc.write_text("#!/bin/sh\n")
+    rpc.chmod(0o755)
+    build = Installation("llama-box", "0.3.36", "cpu", tmp_path, installation.entry)
+    assert LlamaBox().part_command(PartSpec(installation=build, host="10.0.0.2", port=50052, threads=2)) == [
+        str(rpc), "-H", "10.0.0.2", "-p", "50052", "-t", "2"]
+    assert LlamaBox().part_environment([]) == {"CUDA_VISIBLE_DEVICES": ""}

@@ -75,6 +75,30 @@ class Installation:
     entry: Path  # the program `command` starts
 
 
+def distributed_master_port(instance_id: int, attempt: int) -> int:
+    """The port a distributed instance's main gathers its nodes on (vLLM's --master-port): known to every worker of
+    the instance without asking, and another for each attempt (an old one may linger in TIME_WAIT)."""
+    return 29500 + (instance_id * 31 + attempt) % 1000
+
+
+@dataclass
+class PartSpec:
+    """One part of a distributed instance, on a subordinate worker: what its command needs."""
+
+    installation: Installation
+    host: str  # this worker's address
+    port: int  # a free port here, for a part that listens
+    threads: int
+    index: int = 0  # its place in the instance's `distributed_servers`
+    gpu_indexes: list[int] = field(default_factory=list)
+    claim: dict = field(default_factory=dict)
+    model_name: str = ""
+    model_path: Path | None = None
+    backend_parameters: list[str] = field(default_factory=list)
+    main_host: str = ""
+    master_port: int = 0
+
+
 @dataclass
 class LaunchSpec:
     model_name: str
@@ -87,6 +111,8 @@ class LaunchSpec:
     backend_parameters: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     installation: Installation | None = None
+    rpc_servers: list[str] = field(default_factory=list)  # host:port of its parts on other workers, in order
+    master_port: int = 0  # distributed vLLM: where node rank 0 (this main) gathers its headless nodes
     api_key: str = ""  # the instance's own secret: the backend answers only requests that carry it (the gateway's)
     work_dir: Path | None = None  # a directory of the instance's own (vox-box's --data-dir)
     tmp_dir: Path | None = None  # the instance's TMPDIR: short, as vLLM's IPC socket paths must be
@@ -160,6 +186,20 @@ class Backend:
         if spec.api_key and self.api_key_env:  # by the environment: the command line is visible to every user
             env[self.api_key_env] = spec.api_key
         return {**env, "CUDA_VISIBLE_DEVICES": visible}
+
+    # A part that listens (llama.cpp's RPC server) is ready when it accepts connections; one that does not (a
+    # headless vLLM node, which dials its main) once it has stayed up a few seconds. A part that loads the model
+    # itself needs the model's files on its worker.
+    part_listens = True
+    part_needs_model = False
+
+    def part_command(self, part: PartSpec) -> list[str]:
+        """The process a subordinate worker runs as its part of a distributed instance."""
+        raise BackendError(f"{self.name} cannot run parts of an instance on other workers", permanent=True)
+
+    def part_environment(self, gpu_indexes: list[int]) -> dict[str, str]:
+        """A part sees only its own GPU (none: the CPU)."""
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_indexes)}
 
     def error_from_log(self, lines: list[str]) -> str:
         """The last line of a failed run's log that reads like a cause; empty when none does (a kill -9

@@ -16,6 +16,7 @@ from workers_app.backends.base import (
     Installation,
     LaunchSpec,
     NodeInfo,
+    PartSpec,
     Progress,
     register,
 )
@@ -140,6 +141,14 @@ class LlamaBox(Backend):
     def parse_parameters(self, params: list[str]) -> dict:
         return parse_backend_parameters(params)
 
+    def part_command(self, part: PartSpec) -> list[str]:
+        root = part.installation.root
+        rpc = next((root / name for name in llama_box_install.RPC_TARGETS if (root / name).is_file()), None)
+        rpc = rpc or shutil.which("ggml-rpc-server") or shutil.which("rpc-server")  # beside a llama-box on PATH
+        if rpc is None:
+            raise BackendError(f"this llama.cpp build ({root}) has no RPC server", permanent=True)
+        return [str(rpc), "-H", part.host, "-p", str(part.port), "-t", str(max(1, part.threads))]
+
     def command(self, spec: LaunchSpec) -> list[str]:
         if spec.installation is None:
             raise BackendError("llama-server is not installed on this worker (run `make setup`)")
@@ -150,13 +159,16 @@ class LlamaBox(Backend):
         unknown = bool(claim.get("unknown"))
         cmd = [str(server), "--host", spec.host, "--port", str(spec.port), "-m", str(spec.model_path),
                "--alias", spec.model_name]
+        if spec.rpc_servers:  # distributed: its parts' RPC servers come first in llama.cpp's device list
+            cmd += ["--rpc", ",".join(spec.rpc_servers)]
+        devices = len(spec.rpc_servers) + len(spec.gpu_indexes)
         if not given & {"-ngl", "--n-gpu-layers", "--gpu-layers"}:
-            if not spec.gpu_indexes:
+            if not devices:
                 layers = 0
             else:  # an unknown claim offloads everything, as llama.cpp would on the GPUs it was given
                 layers = ALL_LAYERS if unknown else claim.get("offload_layers", 0)
             cmd += ["-ngl", str(layers)]
-        if len(spec.gpu_indexes) > 1 and claim.get("tensor_split") and not given & {"-ts", "--tensor-split"}:
+        if devices > 1 and claim.get("tensor_split") and not given & {"-ts", "--tensor-split"}:
             cmd += ["--tensor-split", ",".join(f"{x:g}" for x in claim["tensor_split"])]
         if not given & {"-c", "--ctx-size"} and claim.get("ctx_size"):
             cmd += ["--ctx-size", str(claim["ctx_size"])]

@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import socket
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.management import call_command
@@ -51,10 +52,15 @@ class Command(BaseCommand):
             raise CommandError("a component kept failing; see the log above")
 
     def start_children(self, supervisor: Supervisor, env: dict[str, str]) -> None:
+        if settings.REDIS_URL and settings.HOST not in ("127.0.0.1", "localhost", "::1") \
+                and not urlsplit(settings.REDIS_URL).password:
+            raise CommandError(f"REDIS_URL has no password, and AIMIND_HOST={settings.HOST} serves workers on other "
+                               f"hosts, which would use that Redis as their broker: give it a password "
+                               f"(redis://:PASSWORD@host:port/0)")
         if not settings.REDIS_URL:
             port = free_loopback_port()
             password = secrets.token_urlsafe(24)
-            redis = supervisor.spawn(redis_child(settings.DATA_DIR, port, password))
+            redis = supervisor.spawn(redis_child(settings.DATA_DIR, port, password, settings.HOST))
             if not wait_for_port("127.0.0.1", port, 10, alive=lambda: redis.popen.poll() is None):
                 raise CommandError("the embedded Redis did not start")
             env["REDIS_URL"] = f"redis://:{password}@127.0.0.1:{port}/0"
