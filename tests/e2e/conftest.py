@@ -1,9 +1,7 @@
-import os
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.system import start_system
+from tests.e2e.system import fresh_cache, start_system
 from tests.fixtures.hubs import start_huggingface, start_modelscope
 from tests.fixtures.tiny_gguf import write_tiny_llama
 
@@ -30,15 +28,6 @@ def hubs():
     yield started
     for hub in started.values():
         hub.stop()
-
-
-def fresh_cache(tmp: Path) -> Path:
-    """A model cache of its own (downloads start from nothing) that still finds the llama.cpp build made at set-up."""
-    real = Path(os.environ.get("AIMIND_CACHE_DIR") or Path.home() / ".cache" / "aimind").expanduser()
-    cache = tmp / "cache"
-    cache.mkdir()
-    (cache / "backends").symlink_to(real / "backends", target_is_directory=True)
-    return cache
 
 
 @pytest.fixture

@@ -46,6 +46,15 @@ def drop_e2e_database(server_url: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def fresh_cache(tmp: Path) -> Path:
+    """A model cache of its own (downloads start from nothing) that still finds the llama.cpp build made at set-up."""
+    real = Path(os.environ.get("AIMIND_CACHE_DIR") or Path.home() / ".cache" / "aimind").expanduser()
+    cache = tmp / "cache"
+    cache.mkdir()
+    (cache / "backends").symlink_to(real / "backends", target_is_directory=True)
+    return cache
+
+
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     last = None
@@ -69,10 +78,11 @@ class RunningSystem:
     # PostgreSQL runs only (AIMIND_TEST_DATABASE_URL): the server, and the database made for this system.
     pg_server_url: str = ""
     pg_database: str = ""
+    host: str = "127.0.0.1"  # where its web server listens (a cluster's server: its bridge address)
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key or self.api_key}"}
@@ -176,8 +186,9 @@ class RunningSystem:
 
 
 def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str, str] | None = None,
-                 again: RunningSystem | None = None) -> RunningSystem:
-    """`up` in `tmp`. `again`: a stopped system (stopped with keep_database) to start once more on its data."""
+                 again: RunningSystem | None = None, command: str = "up", host: str = "127.0.0.1") -> RunningSystem:
+    """`up` in `tmp`. `again`: a stopped system (stopped with keep_database) to start once more on its data.
+    `command="server"`: the control plane alone, listening on `host` (no worker: `worker_name` is ignored)."""
     data_dir = tmp / "data"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMIND_", "DATABASE_URL", "REDIS_URL"))}
@@ -191,7 +202,8 @@ def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str
     if os.environ.get("AIMIND_CACHE_DIR"):
         env["AIMIND_CACHE_DIR"] = os.environ["AIMIND_CACHE_DIR"]
     env.update({
-        "AIMIND_DATA_DIR": str(data_dir), "AIMIND_PORT": str(port), "AIMIND_BOOTSTRAP_PASSWORD": "e2e-password",
+        "AIMIND_DATA_DIR": str(data_dir), "AIMIND_HOST": host, "AIMIND_PORT": str(port),
+        "AIMIND_BOOTSTRAP_PASSWORD": "e2e-password",
         "AIMIND_WORKER_NAME": worker_name, "AIMIND_HEARTBEAT_INTERVAL": "1", "AIMIND_HEALTH_CHECK_INTERVAL": "0.2",
         # Time-dependent behaviour, shortened: restarts back off 2 s, 4 s, 8 s; silent workers are lost after 6 s.
         "AIMIND_RESTART_BACKOFF_BASE": "2", "AIMIND_RESTART_BACKOFF_MAX": "8", "AIMIND_WORKER_STALE_AFTER": "6",
@@ -201,7 +213,7 @@ def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str
     log_path = tmp / "up.log"
     try:
         with open(log_path, "wb") as log:
-            popen = subprocess.Popen([sys.executable, str(REPO / "manage.py"), "up"], env=env, cwd=REPO,
+            popen = subprocess.Popen([sys.executable, str(REPO / "manage.py"), command], env=env, cwd=REPO,
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
     except BaseException:
@@ -209,9 +221,9 @@ def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str
             drop_e2e_database(pg_server_url, pg_database)
         raise
     system = RunningSystem(data_dir, port, env, popen, log_path, pg_server_url=pg_server_url,
-                           pg_database=pg_database)
+                           pg_database=pg_database, host=host)
     try:
-        _wait_until_up(system, worker_name)
+        _wait_until_up(system, worker_name if command == "up" else "")
     except BaseException:
         # Nobody else will stop a system that never came up: end its processes and drop its database.
         try:
@@ -235,6 +247,8 @@ def _wait_until_up(system: RunningSystem, worker_name: str) -> None:
 
     wait_until(web_up, 90, "the web server")
     system.api_key = system.manage("create_api_key", "e2e").strip().splitlines()[-1]
+    if not worker_name:
+        return
     with system.client() as c:
         wait_until(lambda: any(w["name"] == worker_name and w["state"] == "ready"
                                for w in c.get("/api/v1/workers").json()), 60, f"worker {worker_name} to join")
@@ -242,18 +256,18 @@ def _wait_until_up(system: RunningSystem, worker_name: str) -> None:
 
 
 def start_extra_worker(system: RunningSystem, name: str, tmp: Path) -> subprocess.Popen:
-    """A second `manage.py worker` on this machine, joining `system` (its own data dir, the same database)."""
+    """A second `manage.py worker` on this machine, joining `system` with its URL and token (its own data dir)."""
     data_dir = tmp / f"worker-{name}"
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(system.env)
+    # Only the server's URL and the cluster token: the broker comes from the registration answer, and a
+    # worker node never opens the database.
+    env = {k: v for k, v in system.env.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update({
         "AIMIND_DATA_DIR": str(data_dir), "AIMIND_WORKER_NAME": name, "AIMIND_WORKER_IP": "127.0.0.1",
         "AIMIND_SERVER_URL": system.base_url, "AIMIND_TOKEN": (system.data_dir / "token").read_text().strip(),
-        "REDIS_URL": (system.data_dir / "run" / "redis.url").read_text().strip(),
         "AIMIND_BACKEND_PORT_MIN": str(int(env["AIMIND_BACKEND_PORT_MIN"]) + 500),
         "AIMIND_BACKEND_PORT_MAX": str(int(env["AIMIND_BACKEND_PORT_MAX"]) + 500),
     })
-    env.setdefault("DATABASE_URL", f"sqlite:///{system.data_dir / 'db.sqlite3'}")
     log = open(tmp / f"worker-{name}.log", "ab")
     return subprocess.Popen([sys.executable, str(REPO / "manage.py"), "worker"], env=env, cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)

@@ -14,8 +14,7 @@ import redis
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from tests.e2e.conftest import fresh_cache
-from tests.e2e.system import start_system, wait_until
+from tests.e2e.system import fresh_cache, start_system, wait_until
 from tests.fixtures.tiny_gguf import write_tiny_llama
 
 
