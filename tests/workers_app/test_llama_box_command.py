@@ -102,6 +102,6 @@ def test_a_subordinate_runs_the_builds_rpc_server_on_its_own_address(installatio
     rpc.write_text("#!/bin/sh\n")
     rpc.chmod(0o755)
     build = Installation("llama-box", "0.3.36", "cpu", tmp_path, installation.entry)
-    assert LlamaBox().part_command(PartSpec(installation=build, host="10.0.0.2", port=50052, threads=2)) == [
-        str(rpc), "-H", "10.0.0.2", "-p", "50052", "-t", "2"]
-    assert LlamaBox().part_environment([]) == {"CUDA_VISIBLE_DEVICES": ""}
+    part = PartSpec(installation=build, host="10.0.0.2", port=50052, threads=2, env={"CUDA_VISIBLE_DEVICES": "3"})
+    assert LlamaBox().part_command(part) == [str(rpc), "-H", "10.0.0.2", "-p", "50052", "-t", "2"]
+    assert LlamaBox().part_environment(part) == {"CUDA_VISIBLE_DEVICES": ""}  # the placement's, not the model's

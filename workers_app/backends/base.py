@@ -97,6 +97,8 @@ class PartSpec:
     backend_parameters: list[str] = field(default_factory=list)
     main_host: str = ""
     master_port: int = 0
+    env: dict[str, str] = field(default_factory=dict)  # the model's
+    tmp_dir: Path | None = None
 
 
 @dataclass
@@ -197,9 +199,13 @@ class Backend:
         """The process a subordinate worker runs as its part of a distributed instance."""
         raise BackendError(f"{self.name} cannot run parts of an instance on other workers", permanent=True)
 
-    def part_environment(self, gpu_indexes: list[int]) -> dict[str, str]:
-        """A part sees only its own GPU (none: the CPU)."""
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in gpu_indexes)}
+    def part_environment(self, part: PartSpec) -> dict[str, str]:
+        """The model's env, a TMPDIR of the part's own, and only its own GPUs (none: the CPU)."""
+        env = {k: str(v) for k, v in part.env.items() if k not in self.reserved_env}
+        if part.tmp_dir is not None and "TMPDIR" not in env:
+            part.tmp_dir.mkdir(parents=True, exist_ok=True)
+            env["TMPDIR"] = str(part.tmp_dir)
+        return {**env, "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in part.gpu_indexes)}
 
     def error_from_log(self, lines: list[str]) -> str:
         """The last line of a failed run's log that reads like a cause; empty when none does (a kill -9

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import psutil
+
 from workers_app.backends import installs, venv_install
 from workers_app.backends.base import (
     PLACEMENT_ENV,
@@ -64,6 +66,17 @@ def parse_vllm_parameters(params: list[str]) -> dict:
             value = params[i + 1]
         found[key] = _number(flag, key, value)
     return found
+
+
+def network_environment(address: str) -> dict[str, str]:
+    """Nodes of one model talk over the worker's own address: vLLM is told it, and torch's gloo/NCCL the interface
+    that holds it (by default they follow the hostname, which on a host with several networks may be another)."""
+    env = {"VLLM_HOST_IP": address}
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == address for a in addresses):
+            env.update({"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name})
+            break
+    return env
 
 
 class VLLM(Backend):
@@ -168,14 +181,16 @@ class VLLM(Backend):
             cmd += ["--max-model-len", str(claim["max_model_len"])]
         return cmd + list(params)
 
-    def part_environment(self, gpu_indexes: list[int]) -> dict[str, str]:
+    def part_environment(self, part: PartSpec) -> dict[str, str]:
         cache = installs.cache_dir() / "backends" / self.name / "cache"
         return {"VLLM_CACHE_ROOT": str(cache), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-                "HF_HUB_OFFLINE": "1", **super().part_environment(gpu_indexes)}
+                "HF_HUB_OFFLINE": "1", **network_environment(part.host), **super().part_environment(part)}
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         cache = installs.cache_dir() / "backends" / self.name / "cache"
         env = {"VLLM_CACHE_ROOT": str(cache), "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if int(spec.claim.get("pipeline_parallel_size") or 1) > 1:
+            env.update(network_environment(spec.host))
         if spec.model_path.is_absolute():
             env["HF_HUB_OFFLINE"] = "1"  # a local directory: never ask a hub about it
         return {**env, **super().environment(spec)}
