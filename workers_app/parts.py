@@ -43,6 +43,7 @@ class Part:
     attempt: int
     proc: BackendProcess
     told_ready: bool = False
+    label: str = "RPC server"  # what the part is, in messages: its backend's `part_label`
 
     @property
     def key(self) -> str:
@@ -110,7 +111,7 @@ class PartRunner:
                 exited = "exited" if part.proc.adopted else processes.describe_exit(returncode)
                 lines = processes.tail_lines(part.proc.log_path, 5)
                 self._tell_failed(part.instance_id, part.index, part.attempt,
-                                  f"RPC server {exited}" + (f": {lines[-1].strip()}" if lines else ""))
+                                  f"{part.label} {exited}" + (f": {lines[-1].strip()}" if lines else ""))
                 continue
             if not reachable:
                 continue  # the server cannot be asked: what runs keeps running
@@ -182,11 +183,11 @@ class PartRunner:
         log_path = self._log_path(assignment.pk, index)
         popen = processes.start(cmd, env=backend.part_environment(part_spec), log_path=log_path)
         proc = BackendProcess(assignment.pk, popen, popen.pid, port, agent.ip, log_path, time.monotonic())
-        part = Part(assignment.pk, index, attempt, proc)
+        part = Part(assignment.pk, index, attempt, proc, label=backend.part_label)
         with self.lock:
             self.parts[(assignment.pk, index)] = part
         processes.write_pidfile(agent.data_dir, proc, agent.name, key=part.key, index=index, attempt=attempt)
-        logger.info("instance %s: RPC server %s (attempt %s) started, pid %s on %s:%s", assignment.name, index,
+        logger.info("instance %s: %s %s (attempt %s) started, pid %s on %s:%s", assignment.name, part.label, index,
                     attempt, popen.pid, agent.ip, port)
         if backend.part_listens and not self._accepts(proc):
             self._forget(part)
@@ -196,7 +197,7 @@ class PartRunner:
         if not backend.part_listens and not self._settles(proc):
             self._forget(part)
             lines = processes.tail_lines(log_path, 3)
-            raise BackendError(f"node {index + 1} {processes.describe_exit(proc.poll() or 0)} at start"
+            raise BackendError(f"{part.label} {processes.describe_exit(proc.poll() or 0)} as it started"
                                + (f": {lines[-1].strip()}" if lines else ""))
         return part
 
@@ -250,7 +251,7 @@ class PartRunner:
     def _end(self, part: Part, why: str) -> None:
         self._forget(part)
         processes.terminate_group(part.proc.pid, part.proc.popen, grace=1.0)  # it has no SIGTERM handler
-        logger.info("instance %s: RPC server %s ended (%s)", part.instance_id, part.index, why)
+        logger.info("instance %s: %s %s ended (%s)", part.instance_id, part.label, part.index, why)
 
     def stop_all(self) -> None:
         with self.lock:

@@ -257,7 +257,9 @@ def test_a_vllm_model_too_big_for_any_worker_runs_as_two_pipeline_nodes(cluster,
         try:
             instance = wait_until(serving, 900, "vLLM on two nodes to serve", interval=1)
         except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{c.get(f'/api/v1/models/{model_id}/instances').text}") from None
+            logs = "\n".join(f"--- {log}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-60:])
+                             for h in hosts.values() for log in (h.data_dir / "logs" / "instances").glob("*.log"))
+            raise AssertionError(f"{exc}\n{c.get(f'/api/v1/models/{model_id}/instances').text}\n{logs}") from None
         claim = instance["computed_resource_claim"]
         assert (claim["pipeline_parallel_size"], claim["node_rank"]) == (2, 0)
         [part] = instance["distributed_servers"]

@@ -194,6 +194,7 @@ class Backend:
     # itself needs the model's files on its worker.
     part_listens = True
     part_needs_model = False
+    part_label = "RPC server"
 
     def part_command(self, part: PartSpec) -> list[str]:
         """The process a subordinate worker runs as its part of a distributed instance."""

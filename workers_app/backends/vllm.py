@@ -89,6 +89,7 @@ class VLLM(Backend):
     reserved_flags = frozenset({"--host", "--port", "--model", "--served-model-name", "--api-key", "--nnodes",
                                 "--node-rank", "--master-addr", "--master-port", "--headless"})
     part_listens = False  # a headless node dials its main
+    part_label = "vLLM node"
     part_needs_model = True
     reserved_env = PLACEMENT_ENV | {"VLLM_API_KEY"}
     api_key_env = "VLLM_API_KEY"
