@@ -87,6 +87,7 @@ def test_a_subordinate_node_is_headless_with_its_rank_and_the_mains_address():
                                        claim=claim, model_name="m", model_path=Path("/m"), main_host="10.0.0.1",
                                        master_port=distributed_master_port(7, 1)))
     text = " ".join(cmd)
+    assert cmd[1].endswith("workers_app/backends/vllm_cli.py") and cmd[2] == "serve"  # `vllm serve`: headless
     assert cmd[-1] == "--headless" and "--port" not in cmd
     assert f"--nnodes 3 --node-rank 2 --master-addr 10.0.0.1 --master-port {29500 + (7 * 31 + 1)}" in text
     assert "--kv-cache-memory-bytes 67108864" in text

@@ -23,6 +23,7 @@ from workers_app.backends.base import (
 from workers_app.backends.params import flag_names
 
 DEFAULT_VERSION = "0.32.0"
+CLI = Path(__file__).with_name("vllm_cli.py")  # `vllm serve`, which alone runs a --headless node
 # Before it ever served, these end vLLM for good: its configuration or the model directory is wrong.
 REFUSALS = ("pydantic_core._pydantic_core.ValidationError", "HFValidationError",
             "Invalid repository ID or local directory")
@@ -155,8 +156,8 @@ class VLLM(Backend):
         """A headless node of a model across workers: its pipeline stage, joining the main at its master port."""
         if part.model_path is None:
             raise BackendError("a vLLM node needs the model's files on its worker")
-        cmd = [str(part.installation.entry), "-m", "vllm.entrypoints.openai.api_server", "--model",
-               str(part.model_path), "--served-model-name", part.model_name]
+        cmd = [str(part.installation.entry), str(CLI), "serve", "--model", str(part.model_path),
+               "--served-model-name", part.model_name]
         rank = int(part.claim.get("node_rank") or part.index + 1)
         return cmd + self._engine_flags(part.claim, part.gpu_indexes, part.backend_parameters, rank=rank,
                                         main_host=part.main_host, master_port=part.master_port) + ["--headless"]
