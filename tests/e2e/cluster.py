@@ -59,11 +59,14 @@ class Network:
     def __init__(self):
         if os.geteuid() != 0:
             raise AssertionError("the cluster tests make network namespaces: they need root")
+        sweep_abandoned()
         self.tag = secrets.token_hex(2)
         self.prefix = f"10.213.{1 + secrets.randbelow(250)}"
         self.bridge = f"aimbr{self.tag}"
         self.server_address = f"{self.prefix}.1"
         self.hosts: list[Host] = []
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.tag).write_text(str(os.getpid()))
         ip("link", "add", "name", self.bridge, "type", "bridge")
         ip("addr", "add", f"{self.server_address}/24", "dev", self.bridge)
         ip("link", "set", self.bridge, "up")
@@ -93,9 +96,29 @@ class Network:
         ip("link", "set", host.link, "up")
 
     def destroy(self) -> None:
-        for host in self.hosts:
-            ip("netns", "del", host.netns, check=False)  # its veth pair goes with it
-        ip("link", "del", self.bridge, check=False)
+        remove_network(self.tag)
+
+
+OWNERS = Path("/tmp/aimind-test-networks")  # <tag>: the pid of the process that made the network
+
+
+def remove_network(tag: str) -> None:
+    for netns in ip("netns", "list", check=False).stdout.split():
+        if netns.startswith(f"aimns{tag}"):
+            ip("netns", "del", netns, check=False)  # its veth pair goes with it
+    ip("link", "del", f"aimbr{tag}", check=False)
+    (OWNERS / tag).unlink(missing_ok=True)
+
+
+def sweep_abandoned() -> None:
+    """Networks of test runs that were killed before they could clean up: their maker is gone."""
+    for owner in OWNERS.glob("*") if OWNERS.is_dir() else []:
+        try:
+            alive = psutil.pid_exists(int(owner.read_text()))
+        except ValueError:
+            alive = False
+        if not alive:
+            remove_network(owner.name)
 
 
 def start_worker(system: RunningSystem, host: Host, cache: Path, *args: str, token: str = "") -> subprocess.Popen:
