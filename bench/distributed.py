@@ -91,7 +91,8 @@ def main() -> None:
     server = None
     try:
         (tmp / "server").mkdir()
-        # Each kill is a first failure (restarted at once): a restart that served a second is forgiven.
+        # Each kill is a first failure (restarted at once): a restart that served a second is forgiven (the
+        # workers judge that).
         server = start_system(tmp / "server", command="server", host=network.server_address,
                               extra_env={"AIMIND_RESTART_RESET_AFTER": "1"})
         cache = fresh_cache(tmp)
@@ -100,7 +101,7 @@ def main() -> None:
             for name in ("one", "two"):
                 host = network.add_host(name, tmp)
                 started = time.perf_counter()
-                start_worker(server, host, cache)
+                start_worker(server, host, cache, extra_env={"AIMIND_RESTART_RESET_AFTER": "1"})
                 wait_until(lambda n=name: any(w["name"] == n and w["state"] == "ready"
                                               for w in c.get("/api/v1/workers").json()), 60, f"{name} to join",
                            interval=0.05)

@@ -121,7 +121,8 @@ def sweep_abandoned() -> None:
             remove_network(owner.name)
 
 
-def start_worker(system: RunningSystem, host: Host, cache: Path, *args: str, token: str = "") -> subprocess.Popen:
+def start_worker(system: RunningSystem, host: Host, cache: Path, *args: str, token: str = "",
+                 extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     """`manage.py worker` inside the host's namespace, knowing only the server's URL and the cluster token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMIND_", "DATABASE_URL", "REDIS_URL"))}
     port_base = 21000 + int(host.address.rsplit(".", 1)[1]) * 40  # each host has its own ports anyway
@@ -131,6 +132,7 @@ def start_worker(system: RunningSystem, host: Host, cache: Path, *args: str, tok
         "AIMIND_WORKER_NAME": host.name, "AIMIND_WORKER_IP": host.address, "AIMIND_DATA_DIR": str(host.data_dir),
         "AIMIND_CACHE_DIR": str(cache), "AIMIND_HEARTBEAT_INTERVAL": "1", "AIMIND_HEALTH_CHECK_INTERVAL": "0.2",
         "AIMIND_BACKEND_PORT_MIN": str(port_base), "AIMIND_BACKEND_PORT_MAX": str(port_base + 39),
+        **(extra_env or {}),
     })
     log = open(host.log_path, "ab")
     host.popen = subprocess.Popen(["ip", "netns", "exec", host.netns, sys.executable, str(REPO / "manage.py"),
