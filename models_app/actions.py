@@ -122,6 +122,10 @@ def do_sync_replicas(model: Model) -> None:
 def _delete_instances(instances: list[ModelInstance]) -> None:
     deleted_ids = set()
     for instance in instances:
+        # The row first, locked: a transition under way (it locks the row too, and writes an event) finishes before
+        # the delete collects the instance's events, or finds the instance gone; never an event for a deleted row.
+        if not ModelInstance.objects.select_for_update().filter(pk=instance.pk).exists():
+            continue
         count, _ = ModelInstance.objects.filter(pk=instance.pk).delete()
         if count:  # someone else may have deleted it first: then they stop it too
             deleted_ids.add(instance.pk)
