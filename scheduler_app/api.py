@@ -11,7 +11,9 @@ from models_app.models import Model
 from models_app.serializers import ModelSerializer
 from models_app.validation import flatten_errors
 from scheduler_app.estimate import EstimateError, estimate_model
-from scheduler_app.scheduler import find_placement
+from scheduler_app.pool import read_pool
+from scheduler_app.resources import WorkerResources
+from scheduler_app.scheduler import collector_paused, find_placement
 from scheduler_app.selectors.common import distributed_servers_for
 from workers_app.models import Worker
 
@@ -30,8 +32,9 @@ class EvaluationRequestSerializer(serializers.Serializer):
     model_specs = serializers.ListField(child=serializers.DictField(), min_length=1, max_length=100)
 
 
-def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
-    """The placement a deployment of `spec` would get now, or why it would get none."""
+def evaluate_spec(spec: dict, workers: list[Worker] | None = None, pool: list[WorkerResources] | None = None) -> dict:
+    """The placement a deployment of `spec` would get now, or why it would get none: against `pool` (several specs,
+    one read of the cluster), else the given workers, else the cluster read now."""
     serializer = EvaluationSpecSerializer(data=spec)
     if not serializer.is_valid():
         problems = "; ".join(f"{field}: {message}" for field, messages in serializer.errors.items()
@@ -42,7 +45,7 @@ def evaluate_spec(spec: dict, workers: list[Worker]) -> dict:
         est = estimate_model(model)
     except EstimateError as exc:
         return {"compatible": False, "message": str(exc), "placement": None}
-    result = find_placement(model, est, workers)
+    result = find_placement(model, est, workers, pool)
     if result.candidate is None:
         return {"compatible": False, "message": result.message, "placement": None}
     chosen = result.candidate
@@ -58,5 +61,7 @@ class EvaluationView(APIView):
     def post(self, request):
         body = EvaluationRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        workers = list(Worker.objects.order_by("id"))
-        return Response({"results": [evaluate_spec(spec, workers) for spec in body.validated_data["model_specs"]]})
+        with collector_paused():
+            pool = read_pool()
+            results = [evaluate_spec(spec, pool=pool) for spec in body.validated_data["model_specs"]]
+        return Response({"results": results})

@@ -9,6 +9,7 @@ from workers_app.choices import WorkerState
 from workers_app.models import Worker
 
 if TYPE_CHECKING:
+    from scheduler_app.resources import WorkerResources
     from scheduler_app.selectors.common import Reasons
 
 
@@ -32,22 +33,26 @@ def cannot_run(worker: Worker, backend: str, version: str) -> str:
     return f"cannot run {backend}: {capability.get('reason') or 'not installable on this worker'}"
 
 
-def filter_workers(model: Model, workers: list[Worker], reasons: Reasons, backend: str = "") -> list[Worker]:
+def filter_workers(model: Model, pool: list[WorkerResources], reasons: Reasons,
+                   backend: str = "") -> list[WorkerResources]:
     kept = []
     manual = parse_gpu_ids(model)
     selector = {k: str(v) for k, v in (model.worker_selector or {}).items()}
-    for worker in workers:
+    version = model.backend_version
+    for res in pool:
+        worker = res.worker
         if worker.state != WorkerState.READY:
             reasons.add(worker.name, f"is {worker.get_state_display().lower()}")
             continue
-        if not worker.heartbeat_is_fresh:
+        if not res.heartbeat_fresh:
             reasons.add(worker.name, "has not sent a heartbeat recently")
             continue
-        mismatched = [f"{k}={v}" for k, v in selector.items() if str(worker.labels.get(k)) != v]
-        if mismatched:
-            reasons.add(worker.name, f"labels do not match {', '.join(mismatched)}")
-            continue
-        unable = cannot_run(worker, backend, model.backend_version)
+        if selector:
+            mismatched = [f"{k}={v}" for k, v in selector.items() if str(worker.labels.get(k)) != v]
+            if mismatched:
+                reasons.add(worker.name, f"labels do not match {', '.join(mismatched)}")
+                continue
+        unable = cannot_run(worker, backend, version) if backend else ""
         if unable:
             reasons.add(worker.name, unable)
             continue
@@ -58,7 +63,7 @@ def filter_workers(model: Model, workers: list[Worker], reasons: Reasons, backen
             if missing:
                 reasons.add(worker.name, f"has no GPU {', '.join(map(str, missing))} (gpu_selector)")
                 continue
-        kept.append(worker)
-    for name in sorted(set(manual) - {w.name for w in workers}):
+        kept.append(res)
+    for name in sorted(set(manual) - {res.worker.name for res in pool}):
         reasons.add(name, "no such worker (gpu_selector)")
     return kept

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
-from models_app.choices import ErrorKind, InstanceState
-from models_app.models import ModelInstance
 from workers_app.models import Worker
 
 GIB = 1024**3
@@ -26,6 +23,15 @@ class WorkerResources:
     instance_count: int = 0
     gpu_instance_count: dict[int, int] = field(default_factory=dict)
     booked: int = 0  # bytes of RAM and VRAM claimed so far
+    heartbeat_fresh: bool = True  # judged when the pool was read
+    gpu_order: list[int] = field(default_factory=list)  # the GPU indexes, sorted; never mutate
+    capacity: int = 0  # ram_total + every GPU's total: the denominator of used_fraction
+
+    def __post_init__(self) -> None:
+        if not self.gpu_order and self.gpu_total:
+            self.gpu_order = sorted(self.gpu_total)
+        if not self.capacity:
+            self.capacity = self.ram_total + sum(self.gpu_total.values())
 
     @property
     def has_gpus(self) -> bool:
@@ -33,46 +39,77 @@ class WorkerResources:
 
     def book(self, claim: dict) -> None:
         """Take a placed claim off what is free, so the next placement in the same pass sees it."""
+        ram, vram = parse_claim(claim)
         self.instance_count += 1
-        ram = int(claim.get("ram") or 0)
         self.ram_free -= ram
         self.booked += ram
-        for index, vram in (claim.get("vram") or {}).items():
-            index = int(index)
+        for index, size in vram:
             if index in self.gpu_free:
-                self.gpu_free[index] -= int(vram or 0)
+                self.gpu_free[index] -= size
                 self.gpu_instance_count[index] += 1
-                self.booked += int(vram or 0)
+                self.booked += size
 
     def used_fraction(self) -> float:
-        capacity = self.ram_total + sum(self.gpu_total.values())
-        return self.booked / capacity if capacity else 1.0
+        return self.booked / self.capacity if self.capacity else 1.0
 
 
-def claims_by_worker(exclude_instance_ids: list[int] = ()) -> dict[int, list[dict]]:
-    """The claims of every placed instance, per worker (one query for the whole cluster): the main's on its worker,
-    each RPC server's (`distributed_servers`) on that server's worker. An instance stopped by a permanent error holds
-    none: it runs nothing until it is edited or deleted."""
-    placed = (ModelInstance.objects.filter(worker__isnull=False).exclude(pk__in=list(exclude_instance_ids))
-              .exclude(state=InstanceState.ERROR, error_kind=ErrorKind.PERMANENT)
-              .values_list("worker_id", "computed_resource_claim", "distributed_servers"))
-    grouped: dict[int, list[dict]] = defaultdict(list)
-    for worker_id, claim, servers in placed:
-        grouped[worker_id].append(claim or {})
-        for server in servers or []:  # filtered here: JSONField __contains does not work on SQLite
-            if server.get("worker_id") is not None:
-                grouped[int(server["worker_id"])].append(server.get("computed_resource_claim") or {})
-    return grouped
+def parse_claim(claim: dict) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """A stored claim as (RAM bytes, ((GPU index, VRAM bytes), …))."""
+    return int(claim.get("ram") or 0), tuple((int(i), int(v or 0)) for i, v in (claim.get("vram") or {}).items())
 
 
-def worker_resources(worker: Worker, placed: list[dict]) -> WorkerResources:
-    reserved = worker.system_reserved or {}
-    reserved_vram = int(reserved.get("vram") or 0)
-    gpu_total = {int(g.get("index", n)): max(0, int((g.get("memory") or {}).get("total") or 0) - reserved_vram)
-                 for n, g in enumerate(worker.gpus)}
-    ram_total = max(0, worker.ram_total - int(reserved.get("ram") or 0))
-    res = WorkerResources(worker, ram_total=ram_total, ram_free=ram_total, gpu_total=gpu_total,
-                          gpu_free=dict(gpu_total), gpu_instance_count={i: 0 for i in gpu_total})
-    for claim in placed:
-        res.book(claim)
+@dataclass
+class ClaimTotals:
+    """The claims placed on one worker, added up: how many, and their RAM and VRAM per GPU index."""
+
+    count: int = 0
+    ram: int = 0
+    vram: dict[int, int] = field(default_factory=dict)
+    gpu_count: dict[int, int] = field(default_factory=dict)
+
+    def add(self, ram: int, vram: tuple[tuple[int, int], ...]) -> None:
+        self.count += 1
+        self.ram += ram
+        for index, size in vram:
+            self.vram[index] = self.vram.get(index, 0) + size
+            self.gpu_count[index] = self.gpu_count.get(index, 0) + 1
+
+
+@dataclass(frozen=True)
+class WorkerShape:
+    """What a worker offers before any claim, from its inventory and reservation (the same for many passes)."""
+
+    ram_total: int
+    gpu_total: dict[int, int]
+    gpu_order: list[int]
+    capacity: int
+
+    @classmethod
+    def of(cls, status: dict, system_reserved: dict | None) -> WorkerShape:
+        reserved = system_reserved or {}
+        reserved_vram = int(reserved.get("vram") or 0)
+        gpu_total = {int(g.get("index", n)): max(0, int((g.get("memory") or {}).get("total") or 0) - reserved_vram)
+                     for n, g in enumerate(status.get("gpus") or [])}
+        ram = int((status.get("memory") or {}).get("total") or 0)
+        ram_total = max(0, ram - int(reserved.get("ram") or 0))
+        return cls(ram_total, gpu_total, sorted(gpu_total), ram_total + sum(gpu_total.values()))
+
+
+def worker_resources(worker: Worker, shape: WorkerShape, placed: ClaimTotals | None,
+                     heartbeat_fresh: bool) -> WorkerResources:
+    """The worker's shape less its placed claims, added up (the same sums as booking them one by one)."""
+    gpu_free = dict(shape.gpu_total)
+    gpu_instance_count = dict.fromkeys(gpu_free, 0)
+    res = WorkerResources(worker, ram_total=shape.ram_total, ram_free=shape.ram_total, gpu_total=dict(shape.gpu_total),
+                          gpu_free=gpu_free, gpu_instance_count=gpu_instance_count, heartbeat_fresh=heartbeat_fresh,
+                          gpu_order=shape.gpu_order, capacity=shape.capacity)
+    if placed is not None:
+        res.instance_count = placed.count
+        res.ram_free -= placed.ram
+        res.booked = placed.ram
+        for index, size in placed.vram.items():
+            if index in gpu_free:
+                gpu_free[index] -= size
+                gpu_instance_count[index] = placed.gpu_count[index]
+                res.booked += size
     return res

@@ -7,15 +7,26 @@ cluster, not one per instance.
 
 from __future__ import annotations
 
+import gc
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from django.db import transaction
 
 from models_app.choices import InstanceState
-from models_app.lifecycle import do_begin_analysis, do_fail_instance, do_place, do_wait_for_room
+from models_app.lifecycle import (
+    do_begin_analysis,
+    do_fail_instance,
+    do_place_many,
+    do_wait_for_room,
+    do_wait_for_room_many,
+)
 from models_app.models import Model, ModelInstance
 from scheduler_app.estimate import EstimateError, ModelEstimate, estimate_model
-from scheduler_app.resources import WorkerResources, claims_by_worker, worker_resources
+from scheduler_app.pool import build_pool, read_pool
+from scheduler_app.resources import WorkerResources
 from scheduler_app.selectors.common import distributed_servers_for
 from scheduler_app.session import PlacementResult, PlacementSession
 from workers_app.backends import get_backend
@@ -23,15 +34,32 @@ from workers_app.models import Worker
 
 logger = logging.getLogger(__name__)
 
-
-def build_pool(workers: list[Worker], exclude_instance_ids: list[int] = ()) -> dict[int, WorkerResources]:
-    placed = claims_by_worker(exclude_instance_ids)
-    return {w.id: worker_resources(w, placed.get(w.id, [])) for w in workers}
+__all__ = ["build_pool", "collector_paused", "find_placement", "pending_instance_ids", "schedule_instance",
+           "schedule_instances"]
 
 
-def find_placement(model: Model, est: ModelEstimate, workers: list[Worker]) -> PlacementResult:
-    """A dry run against the cluster as it is now (evaluations)."""
-    return PlacementSession(workers, build_pool(workers)).place(model, est)
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a pass runs: it makes objects by the ten thousand (a candidate per GPU), and
+    each full collection walks everything the process holds, which at thousands of workers cost more than the pass.
+    Reference counting still frees what is dropped; a collection runs again once the pass is over."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def find_placement(model: Model, est: ModelEstimate, workers: list[Worker] | None = None,
+                   pool: list[WorkerResources] | None = None) -> PlacementResult:
+    """A dry run against the cluster as it is now (evaluations): the given workers, else a pool read for it."""
+    with collector_paused():
+        if pool is None:
+            pool = read_pool() if workers is None else list(build_pool(workers).values())
+        return PlacementSession(pool).best(model, est)
 
 
 def _claim_for_analysis(instance_ids: list[int]) -> list[ModelInstance]:
@@ -40,7 +68,13 @@ def _claim_for_analysis(instance_ids: list[int]) -> list[ModelInstance]:
         ids = list(ModelInstance.objects.select_for_update(skip_locked=True)
                    .filter(pk__in=instance_ids, state=InstanceState.PENDING).values_list("pk", flat=True))
         ids = do_begin_analysis(ids)
-    return list(ModelInstance.objects.select_related("model").filter(pk__in=ids).order_by("id"))
+    instances = list(ModelInstance.objects.filter(pk__in=ids).order_by("id"))
+    # One object per model, shared by its instances (a thousand replicas of one model: one row read, not a thousand).
+    models = Model.objects.in_bulk({instance.model_id for instance in instances})
+    instances = [instance for instance in instances if instance.model_id in models]  # the rest went with the model
+    for instance in instances:
+        instance.model = models[instance.model_id]
+    return instances
 
 
 def _estimates(instances: list[ModelInstance]) -> dict[int, ModelEstimate | EstimateError]:
@@ -72,64 +106,103 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
     """Place these instances if they are pending. Returns each one's state afterwards. Whatever happens, none is
     left `analyzing`: an instance the pass could not finish goes back to pending (a killed scheduler's are
     returned by the stuck sweep)."""
-    instances = _claim_for_analysis(instance_ids)
-    outcome: dict[int, str] = {}
-    try:
-        _place_all(instances, _estimates(instances), outcome)
-    finally:
-        for instance in instances:
-            if instance.pk not in outcome:
-                do_wait_for_room(instance, "scheduling was interrupted; asking again shortly", cause="interrupted")
+    with collector_paused():
+        instances = _claim_for_analysis(instance_ids)
+        outcome: dict[int, str] = {}
+        try:
+            _place_all(instances, _estimates(instances), outcome)
+        finally:
+            for instance in instances:
+                if instance.pk not in outcome:
+                    do_wait_for_room(instance, "scheduling was interrupted; asking again shortly", cause="interrupted")
     return outcome
 
 
-def _place_all(instances: list[ModelInstance], estimates: dict, outcome: dict[int, str]) -> None:
-    launches: list[tuple[int, str]] = []
-    with transaction.atomic():
-        # Lock the workers (in id order) so concurrent schedulers never book the same free memory twice.
-        workers = list(Worker.objects.select_for_update().order_by("id"))
-        session = PlacementSession(workers, build_pool(workers, [i.pk for i in instances]))
-        for instance in instances:
-            try:
-                with transaction.atomic():  # a savepoint: one instance's failure leaves the others' work intact
-                    outcome[instance.pk] = _place_one(instance, estimates[instance.model_id], session, launches)
-            except Exception as exc:
-                logger.exception("placing instance %s failed", instance.name)
-                do_wait_for_room(instance, f"scheduling failed: {type(exc).__name__}: {exc}; asking again shortly",
-                                 cause="scheduler_error")
-                outcome[instance.pk] = InstanceState.PENDING
-
-        def launch() -> None:
-            from workers_app.tasks import launch_instance
-
-            for instance_id, queue in launches:
-                launch_instance.apply_async(args=[instance_id], queue=queue)
-
-        transaction.on_commit(launch)
+@dataclass
+class _Decision:
+    """What the pass does with one instance: place it (`fields`, and the worker queues to tell), let it wait
+    (`cause`), or refuse it for good (`refused`)."""
+    message: str
+    fields: dict | None = None
+    queues: list[str] = field(default_factory=list)
+    cause: str = "no_fit"
+    refused: bool = False
 
 
-def _place_one(instance: ModelInstance, est, session: PlacementSession, launches: list) -> str:
+def _decide(instance: ModelInstance, est, session: PlacementSession) -> _Decision:
     if isinstance(est, EstimateError):
         if est.retry:
-            do_wait_for_room(instance, f"{est}; asking again shortly", cause="hub_unreachable")
-            return InstanceState.PENDING
-        do_fail_instance(instance, str(est), from_states=[InstanceState.ANALYZING], permanent=True)
-        return InstanceState.ERROR
+            return _Decision(f"{est}; asking again shortly", cause="hub_unreachable")
+        return _Decision(str(est), refused=True)
     result = session.place(instance.model, est)
     chosen = result.candidate
     if chosen is None:
-        do_wait_for_room(instance, result.message)
-        return InstanceState.PENDING
+        return _Decision(result.message)
     version = instance.model.backend_version or get_backend(est.backend).default_version
-    if not do_place(instance, result.message, worker=chosen.resources.worker, gpu_indexes=chosen.gpu_indexes,
-                    computed_resource_claim=chosen.claim, distributed_servers=distributed_servers_for(chosen),
-                    backend=est.backend, backend_version=version):
-        return "gone"
     session.book(chosen)
-    launches.append((instance.pk, chosen.resources.worker.queue))
-    for queue in dict.fromkeys(s.resources.worker.queue for s in chosen.subordinates):
-        launches.append((instance.pk, queue))  # its parts' workers start their RPC servers first
-    return InstanceState.SCHEDULED
+    return _Decision(result.message, fields={
+        "worker": chosen.resources.worker, "gpu_indexes": chosen.gpu_indexes, "computed_resource_claim": chosen.claim,
+        "distributed_servers": distributed_servers_for(chosen), "backend": est.backend, "backend_version": version},
+        # its parts' workers start their RPC servers first
+        queues=list(dict.fromkeys([chosen.resources.worker.queue,
+                                   *(s.resources.worker.queue for s in chosen.subordinates)])))
+
+
+def _place_all(instances: list[ModelInstance], estimates: dict, outcome: dict[int, str]) -> None:
+    """Decide every instance against the pool in memory (each booking seen by the next), then write the decisions
+    in one go: the placements in one bulk update, the instances that wait in one transition per reason."""
+    placements: list[tuple[ModelInstance, str, dict]] = []
+    waiting: dict[tuple[str, str], list[int]] = {}
+    queues: dict[int, list[str]] = {}
+    with transaction.atomic():
+        # Lock the workers (in id order) so concurrent schedulers never book the same free memory twice.
+        session = PlacementSession(read_pool([i.pk for i in instances], lock=True))
+        for instance in instances:
+            try:
+                decision = _decide(instance, estimates[instance.model_id], session)
+            except Exception as exc:  # one instance's surprise must not strand the others of the pass
+                logger.exception("placing instance %s failed", instance.name)
+                decision = _Decision(f"scheduling failed: {type(exc).__name__}: {exc}; asking again shortly",
+                                     cause="scheduler_error")
+            if decision.fields is not None:
+                placements.append((instance, decision.message, decision.fields))
+                queues[instance.pk] = decision.queues
+            elif decision.refused:
+                if do_fail_instance(instance, decision.message, from_states=[InstanceState.ANALYZING],
+                                    permanent=True):
+                    outcome[instance.pk] = InstanceState.ERROR
+            else:
+                waiting.setdefault((decision.message, decision.cause), []).append(instance.pk)
+        placed = do_place_many(placements)
+        for (message, cause), ids in waiting.items():
+            for pk in do_wait_for_room_many(ids, message, cause):
+                outcome[pk] = InstanceState.PENDING
+        by_queue: dict[str, list[int]] = {}
+        for pk in placed:
+            outcome[pk] = InstanceState.SCHEDULED
+            for queue in queues[pk]:
+                by_queue.setdefault(queue, []).append(pk)
+        for instance in instances:
+            outcome.setdefault(instance.pk, "gone")  # deleted (or taken back) while the pass ran
+        transaction.on_commit(lambda: _send_launches(by_queue))
+
+
+def _send_launches(by_queue: dict[str, list[int]]) -> None:
+    """One message per worker queue, however many of its instances the pass placed. The same message apply_async
+    sends, built directly: apply_async reads a dozen settings again for each message and its safe repr walks the
+    arguments, which at a thousand workers cost more than the decisions."""
+    from celery.utils import uuid
+
+    from workers_app.tasks import launch_instances
+
+    if not by_queue:
+        return
+    amqp, name = launch_instances.app.amqp, launch_instances.name
+    with launch_instances.app.producer_or_acquire() as producer:  # one connection for the whole pass
+        for queue, ids in by_queue.items():
+            args = [sorted(ids)]  # a list of ids: its plain repr is what the worker's log shows
+            message = amqp.create_task_message(uuid(), name, args, {}, argsrepr=repr(args), kwargsrepr="{}")
+            amqp.send_task_message(producer, name, message, queue=queue)
 
 
 def schedule_instance(instance_id: int) -> str:

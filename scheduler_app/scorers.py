@@ -9,19 +9,24 @@ from __future__ import annotations
 from models_app.choices import PlacementStrategyChoices
 from scheduler_app.selectors.common import Candidate
 
-
-def _load(c: Candidate) -> tuple[int, float]:
-    res = c.resources
-    placed = sum(res.gpu_instance_count.get(i, 0) for i in c.gpu_indexes) if c.gpu_indexes else res.instance_count
-    return placed, res.used_fraction()
+BINPACK = PlacementStrategyChoices.BINPACK
 
 
 def score(c: Candidate, strategy: str) -> tuple:
-    placed, used = _load(c)
-    tie_break = (c.worker_name, tuple(c.gpu_indexes))  # deterministic: same cluster, same answer
-    if strategy == PlacementStrategyChoices.BINPACK:
-        return -placed, -used, tie_break
-    return placed, used, tie_break
+    """The selector's preference first (fewest GPUs, most layers on GPU), then the strategy's. Written out flat: the
+    first placement of a pass scores a candidate per GPU of the cluster."""
+    res, gpus = c.resources, c.gpu_indexes
+    if not gpus:
+        placed = res.instance_count
+    elif len(gpus) == 1:
+        placed = res.gpu_instance_count.get(gpus[0], 0)
+    else:
+        placed = sum(res.gpu_instance_count.get(i, 0) for i in gpus)
+    used = res.used_fraction()
+    tie_break = (res.worker.name, tuple(gpus))  # deterministic: same cluster, same answer
+    if strategy == BINPACK:
+        return c.preference, -placed, -used, tie_break
+    return c.preference, placed, used, tie_break
 
 
 def best_candidate(candidates: list[Candidate], strategy: str) -> Candidate:

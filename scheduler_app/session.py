@@ -2,8 +2,11 @@
 and after each placement re-score only the worker it changed.
 
 Candidates sit in a heap per model; a placement bumps its worker's version, which makes that worker's
-older heap entries stale (skipped when popped) and pushes its fresh candidates. Selectors whose choice
-depends on the whole pool ("fewest GPUs", "most layers") are recomputed in full instead.
+older heap entries stale (skipped when popped) and pushes its fresh candidates. A choice across the pool
+("fewest GPUs", "most layers") is part of each candidate's sort key, so those selectors work per worker too;
+only selectors that combine workers (placements across workers) are recomputed in full. Should a worker a
+placement changed now suit a selector earlier in the pipeline, the whole pipeline runs again: the pass
+decides as a fresh look after every placement would.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.filters import filter_workers
 from scheduler_app.resources import WorkerResources
-from scheduler_app.scorers import score
-from scheduler_app.selectors import Candidate, Reasons, Selector, is_per_worker, select_candidates
-from workers_app.models import Worker
+from scheduler_app.scorers import best_candidate, score
+from scheduler_app.selectors import Candidate, Reasons, Selector, is_per_worker, pipeline, select_candidates
 
 
 @dataclass
@@ -41,6 +43,7 @@ class _ModelState:
     model: Model
     est: ModelEstimate
     kept: list[WorkerResources]
+    kept_ids: set[int]
     filter_reasons: Reasons
     reasons: Reasons = field(default_factory=Reasons)
     stage: Selector | None = None
@@ -49,10 +52,9 @@ class _ModelState:
 
 
 class PlacementSession:
-    def __init__(self, workers: list[Worker], pool: dict[int, WorkerResources]):
-        self.workers = workers
+    def __init__(self, pool: list[WorkerResources]):
         self.pool = pool
-        self.versions: dict[int, int] = dict.fromkeys(pool, 0)
+        self.versions: dict[int, int] = {res.worker.id: 0 for res in pool}
         self.states: dict[int | None, _ModelState] = {}
         self.counter = itertools.count()
 
@@ -61,25 +63,27 @@ class PlacementSession:
         state = self.states.get(key) if key is not None else None
         if state is None:
             reasons = Reasons()
-            kept = [self.pool[w.id] for w in filter_workers(model, self.workers, reasons, est.backend)]
-            state = _ModelState(model, est, kept, reasons)
+            kept = filter_workers(model, self.pool, reasons, est.backend)
+            state = _ModelState(model, est, kept, {res.worker.id for res in kept}, reasons)
             if key is not None:
                 self.states[key] = state
         return state
 
+    def _entries(self, state: _ModelState, candidates: list[Candidate]) -> list[tuple]:
+        strategy, versions, counter = state.model.placement_strategy, self.versions, self.counter
+        return [(score(c, strategy), next(counter), c.resources.worker.id, versions[c.resources.worker.id], c)
+                for c in candidates]
+
     def _push(self, state: _ModelState, candidates: list[Candidate]) -> None:
-        strategy = state.model.placement_strategy
-        for c in candidates:
-            worker_id = c.resources.worker.id
-            heapq.heappush(state.heap, (score(c, strategy), next(self.counter), worker_id,
-                                        self.versions[worker_id], c))
+        for entry in self._entries(state, candidates):
+            heapq.heappush(state.heap, entry)
 
     def _recompute(self, state: _ModelState) -> None:
         state.reasons = state.filter_reasons.copy()
         state.stage, found = select_candidates(state.model, state.est, state.kept, state.reasons) \
             if state.kept else (None, [])
-        state.heap = []
-        self._push(state, found)
+        state.heap = self._entries(state, found)
+        heapq.heapify(state.heap)
         state.fresh = True
 
     def _pop(self, state: _ModelState) -> Candidate | None:
@@ -99,6 +103,14 @@ class PlacementSession:
             candidate = self._pop(state)
         return PlacementResult(candidate, state.reasons, est.note)
 
+    def best(self, model: Model, est: ModelEstimate) -> PlacementResult:
+        """A dry run (evaluations): the candidate `place` would pop first, without the heap kept for the placements
+        after it. The pipeline's first stage with candidates, the lowest score (the first of equals)."""
+        reasons = Reasons()
+        kept = filter_workers(model, self.pool, reasons, est.backend)
+        _, found = select_candidates(model, est, kept, reasons) if kept else (None, [])
+        return PlacementResult(best_candidate(found, model.placement_strategy) if found else None, reasons, est.note)
+
     def book(self, candidate: Candidate) -> None:
         """Take the claims off the main worker and each subordinate's worker; every worker touched goes stale."""
         candidate.resources.book(candidate.claim)
@@ -114,5 +126,21 @@ class PlacementSession:
                 state.fresh = False
                 continue
             for res in touched.values():
-                if any(r is res for r in state.kept):
-                    self._push(state, state.stage(state.model, state.est, [res], Reasons()))
+                if res.worker.id not in state.kept_ids:
+                    continue
+                if self._earlier_stage_yields(state, res):
+                    state.fresh = False
+                    break
+                self._push(state, state.stage(state.model, state.est, [res], Reasons()))
+
+    @staticmethod
+    def _earlier_stage_yields(state: _ModelState, res: WorkerResources) -> bool:
+        """Whether a per-worker selector before this stage now has a candidate on this worker (the pipeline's first
+        yielding selector would change). Selectors that combine workers come first only for GPUs picked on several
+        workers, when the one-worker selectors yield nothing."""
+        for selector in pipeline(state.est.backend):
+            if selector is state.stage:
+                return False
+            if is_per_worker(selector) and selector(state.model, state.est, [res], Reasons()):
+                return True
+        return False

@@ -22,6 +22,16 @@ def launch_instance(instance_id: int) -> None:
     current_agent().launch(instance_id)
 
 
+@shared_task(name="workers_app.tasks.launch_instances", ignore_result=True)
+def launch_instances(instance_ids: list[int]) -> None:
+    """A scheduler pass placed these instances (or parts of them) on this worker: one message for them all."""
+    from workers_app.agent import current_agent
+
+    agent = current_agent()
+    for instance_id in instance_ids:
+        agent.launch(instance_id)
+
+
 @shared_task(name="workers_app.tasks.sync_instances", ignore_result=True)
 def sync_instances() -> None:
     """Something about this worker's instances or parts changed: look at the server's view now, not in a second."""

@@ -26,13 +26,16 @@ class Subordinate:
 @dataclass
 class Candidate:
     """A possible placement. The stored claim is built only for the one chosen (thousands are compared).
-    `subordinates`: the RPC servers the main's llama-server uses, in `--rpc` order (placements across workers)."""
+    `subordinates`: the RPC servers the main's llama-server uses, in `--rpc` order (placements across workers).
+    `preference`: what its selector prefers before the strategy scores, lowest first (fewest GPUs, most layers on
+    GPU): each worker offers its own best, and the pool's best of those wins."""
 
     resources: WorkerResources
     gpu_indexes: list[int]
     build_claim: Callable[[], dict]
     offload_layers: int = 0
     subordinates: list[Subordinate] = field(default_factory=list)
+    preference: tuple = ()
 
     @property
     def worker_name(self) -> str:
@@ -92,7 +95,8 @@ Selector = Callable[[Model, ModelEstimate, list[WorkerResources], Reasons], list
 
 
 def per_worker(selector: Selector) -> Selector:
-    """Mark a selector whose candidates for one worker are independent of the rest of the pool."""
+    """Mark a selector whose candidates for one worker are independent of the rest of the pool (a choice across the
+    pool, such as the fewest GPUs, is a `preference` of each candidate instead)."""
     selector.per_worker = True
     return selector
 
@@ -108,8 +112,10 @@ def make_claim(*, ram: int, vram: dict[int, int], offload_layers: int = 0, total
     return claim
 
 
-def llama_box_candidate(res: WorkerResources, gpu_indexes: list[int], claim, est: ModelEstimate) -> Candidate:
-    return Candidate(res, gpu_indexes, partial(llama_box_claim, claim, gpu_indexes, est), claim.offload_layers)
+def llama_box_candidate(res: WorkerResources, gpu_indexes: list[int], claim, est: ModelEstimate,
+                        preference: tuple = ()) -> Candidate:
+    return Candidate(res, gpu_indexes, partial(llama_box_claim, claim, gpu_indexes, est), claim.offload_layers,
+                     preference=preference)
 
 
 def llama_box_claim(claim, gpu_indexes: list[int], est: ModelEstimate) -> dict:
@@ -120,26 +126,18 @@ def llama_box_claim(claim, gpu_indexes: list[int], est: ModelEstimate) -> dict:
                       unknown=not est.known)
 
 
-def manual_gpus(model: Model, res: WorkerResources) -> list[int] | None:
-    """The GPUs picked by hand on this worker, or None when scheduling is automatic."""
-    manual = parse_gpu_ids(model)
-    if not manual:
+def picked_on(picked: dict[str, list[int]], res: WorkerResources) -> list[int] | None:
+    """The GPUs picked by hand on this worker, or None when scheduling is automatic. `picked`: the model's
+    `parse_gpu_ids`, parsed once per selector rather than once per worker."""
+    if not picked:
         return None
-    return [i for i in manual.get(res.worker.name, []) if i in res.gpu_total]
-
-
-def picked_on_several_workers(model: Model) -> bool:
-    """The GPU selector names GPUs on more than one worker: only a placement across those workers honours it."""
-    return len(parse_gpu_ids(model)) > 1
+    return [i for i in picked.get(res.worker.name, []) if i in res.gpu_total]
 
 
 def allowed_gpus(model: Model, res: WorkerResources) -> list[int]:
-    picked = manual_gpus(model, res)
-    return sorted(res.gpu_total) if picked is None else picked
+    return list(allowed_on(parse_gpu_ids(model), res))
 
 
-def fewest_gpus(candidates: list[Candidate]) -> list[Candidate]:
-    if not candidates:
-        return []
-    least = min(len(c.gpu_indexes) for c in candidates)
-    return [c for c in candidates if len(c.gpu_indexes) == least]
+def allowed_on(picked: dict[str, list[int]], res: WorkerResources) -> list[int]:
+    """`allowed_gpus` from the parsed GPU selector; may be the worker's own list: read it, never change it."""
+    return res.gpu_order if not picked else [i for i in picked.get(res.worker.name, []) if i in res.gpu_total]

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
+from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
 from scheduler_app.selectors.common import (
     Candidate,
     Reasons,
-    allowed_gpus,
-    fewest_gpus,
+    allowed_on,
     llama_box_candidate,
-    manual_gpus,
     per_worker,
-    picked_on_several_workers,
 )
 from scheduler_app.selectors.llama_box_distributed import across_picked_gpus, across_workers
 
@@ -33,57 +31,64 @@ def _split_for(est: ModelEstimate, gpus: list[int], res: WorkerResources) -> lis
 
 @per_worker
 def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
-    if picked_on_several_workers(model):
+    picked = parse_gpu_ids(model)
+    if len(picked) > 1:
         return []  # one worker would ignore GPUs picked on the others
     claim = est.claim(offload_layers=est.total_layers, gpu_count=1)
-    need = claim.vram.get(0, 0)
+    need, ram = claim.vram.get(0, 0), claim.ram
     found = []
     for res in pool:
-        gpus = allowed_gpus(model, res)
-        if not gpus or (manual_gpus(model, res) is not None and len(gpus) != 1):
+        gpus = allowed_on(picked, res)
+        if not gpus or (picked and len(gpus) != 1):
             continue
-        fitting = [i for i in gpus if _fits(claim, [i], res)]
+        free = res.gpu_free
+        fitting = [i for i in gpus if need <= free[i]] if ram <= res.ram_free else None
         if fitting:
             found += [llama_box_candidate(res, [i], claim, est) for i in fitting]
-        elif claim.ram > res.ram_free:
-            reasons.add(res.worker.name, f"needs {gib(claim.ram)} RAM, has {gib(res.ram_free)} free")
+        elif fitting is None:
+            reasons.add(res.worker.name, f"needs {gib(ram)} RAM, has {gib(res.ram_free)} free")
         else:
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "
-                                         f"{gib(max(res.gpu_free[i] for i in gpus))}")
+                                         f"{gib(max(free[i] for i in gpus))}")
     return found
 
 
+@per_worker
 def multi_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
-    """The fewest GPUs of one worker that hold the whole model, split in proportion to their free VRAM."""
-    if picked_on_several_workers(model):
+    """The fewest GPUs of one worker that hold the whole model, split in proportion to their free VRAM; the workers
+    that need the fewest win."""
+    picked = parse_gpu_ids(model)
+    if len(picked) > 1:
         return []
     found = []
     for res in pool:
-        gpus = allowed_gpus(model, res)
+        gpus = allowed_on(picked, res)
         if len(gpus) < 2:
             continue
         by_free = sorted(gpus, key=lambda i: (-res.gpu_free[i], i))
-        subsets = [gpus] if manual_gpus(model, res) is not None else [by_free[:n] for n in range(2, len(gpus) + 1)]
+        subsets = [gpus] if picked else [by_free[:n] for n in range(2, len(gpus) + 1)]
         for chosen in subsets:
             split = _split_for(est, chosen, res)
             claim = est.claim(offload_layers=est.total_layers, gpu_count=len(chosen), tensor_split=split)
             if _fits(claim, chosen, res):
-                found.append(llama_box_candidate(res, chosen, claim, est))
+                found.append(llama_box_candidate(res, chosen, claim, est, preference=(len(chosen),)))
                 break
         else:
             total_need = sum(est.claim(offload_layers=est.total_layers, gpu_count=1).vram.values())
             reasons.add(res.worker.name, f"needs about {gib(total_need)} VRAM across {len(gpus)} GPUs, has "
                                          f"{gib(sum(max(res.gpu_free[i], 0) for i in gpus))} free")
-    return fewest_gpus(found)
+    return found
 
 
+@per_worker
 def partial_offload(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
     """As many layers on the worker's GPUs as fit, the rest in RAM; the workers that offload the most win."""
-    if picked_on_several_workers(model):
+    picked = parse_gpu_ids(model)
+    if len(picked) > 1:
         return []
     found = []
     for res in pool:
-        gpus = allowed_gpus(model, res)
+        gpus = allowed_on(picked, res)
         if not gpus:
             continue
         if not model.cpu_offloading:
@@ -100,23 +105,20 @@ def partial_offload(model: Model, est: ModelEstimate, pool: list[WorkerResources
             else:
                 hi = mid - 1
         if best is not None and best.ram <= res.ram_free:
-            found.append(llama_box_candidate(res, gpus, best, est))
+            found.append(llama_box_candidate(res, list(gpus), best, est, preference=(-best.offload_layers,)))
         elif best is not None:
             reasons.add(res.worker.name, f"with {best.offload_layers}/{best.total_layers} layers on GPU needs "
                                          f"{gib(best.ram)} RAM, has {gib(res.ram_free)} free")
-    if not found:
-        return []
-    most = max(c.offload_layers for c in found)
-    return [c for c in found if c.offload_layers == most]
+    return found
 
 
 @per_worker
 def cpu_only(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    if parse_gpu_ids(model):
+        return []  # GPUs were picked by hand: never fall back to the CPU
     claim = est.claim(offload_layers=0, gpu_count=0)
     found = []
     for res in pool:
-        if manual_gpus(model, res) is not None:
-            continue  # GPUs were picked by hand: never fall back to the CPU
         if res.has_gpus and not model.cpu_offloading:
             reasons.add(res.worker.name, "cpu_offloading is off")
             continue

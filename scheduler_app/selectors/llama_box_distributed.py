@@ -89,7 +89,7 @@ def across_workers(model: Model, est: ModelEstimate, pool: list[WorkerResources]
     gpu_workers, cpu_workers = [], []
     for res in pool:
         if res.has_gpus:
-            usable = [i for i in allowed_gpus(model, res) if res.gpu_free[i] >= smallest_gpu]
+            usable = [i for i in res.gpu_order if res.gpu_free[i] >= smallest_gpu]  # no GPU was picked by hand
             if usable:
                 gpu_workers.append(_Worker(res, usable))
         else:

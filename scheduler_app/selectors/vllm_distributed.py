@@ -17,7 +17,7 @@ from scheduler_app.estimate import ModelEstimate
 from scheduler_app.estimators import hf
 from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
-from scheduler_app.selectors.common import Candidate, Reasons, Subordinate, allowed_gpus, make_claim
+from scheduler_app.selectors.common import Candidate, Reasons, Subordinate, make_claim
 
 REASON = "distributed inference"
 MAX_NODES = 16  # pipeline stages; beyond, a model is better served by bigger nodes
@@ -30,7 +30,7 @@ def across_workers(model: Model, est: ModelEstimate, pool: list[WorkerResources]
     if not model.distributed_inference_across_workers:
         reasons.add(REASON, "is off for this model")
         return []
-    gpu_workers = [res for res in pool if res.has_gpus and allowed_gpus(model, res)]
+    gpu_workers = [res for res in pool if res.has_gpus]  # no GPU was picked by hand
     cpu_workers = [res for res in pool if not res.has_gpus]
     found = _on_gpus(model, est, gpu_workers) if len(gpu_workers) >= 2 else None
     if found is None and len(cpu_workers) >= 2:
@@ -45,13 +45,13 @@ def across_workers(model: Model, est: ModelEstimate, pool: list[WorkerResources]
 
 def _on_gpus(model: Model, est: ModelEstimate, workers: list[WorkerResources]) -> Candidate | None:
     share = float(est.params.get("gpu_memory_utilization") or hf.DEFAULT_GPU_MEMORY_UTILIZATION)
-    most = max(len(allowed_gpus(model, res)) for res in workers)
+    most = max(len(res.gpu_order) for res in workers)
     for nodes in range(2, min(len(workers), MAX_NODES, est.hf.n_layer) + 1):
         for tp in hf.tensor_parallel_sizes(est.hf, most):
             need = hf.needed_per_gpu(est.hf, est.params, tp * nodes)
             groups = []
             for res in workers:
-                usable = [i for i in allowed_gpus(model, res) if share * res.gpu_total[i] <= res.gpu_free[i]
+                usable = [i for i in res.gpu_order if share * res.gpu_total[i] <= res.gpu_free[i]
                           and need <= share * res.gpu_total[i]]
                 if len(usable) >= tp and res.ram_free >= hf.VLLM_RAM:
                     usable.sort(key=lambda i: (-res.gpu_free[i], i))

@@ -6,16 +6,18 @@ from functools import partial
 
 from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
+from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
-from scheduler_app.selectors.common import Candidate, Reasons, allowed_gpus, make_claim, manual_gpus, per_worker
+from scheduler_app.selectors.common import Candidate, Reasons, allowed_on, make_claim, per_worker
 
 
 @per_worker
 def one_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
     need = est.vox_box().bytes
+    picked = parse_gpu_ids(model)
     found = []
     for res in pool:
-        gpus = allowed_gpus(model, res)
+        gpus = allowed_on(picked, res)
         fitting = [i for i in gpus if need <= res.gpu_free[i]]
         found += [Candidate(res, [i], partial(make_claim, ram=0, vram={i: need}, unknown=not est.known))
                   for i in fitting]
@@ -27,11 +29,11 @@ def one_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reaso
 
 @per_worker
 def cpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reasons: Reasons) -> list[Candidate]:
+    if parse_gpu_ids(model):
+        return []  # GPUs were picked by hand
     need = est.vox_box().bytes
     found = []
     for res in pool:
-        if manual_gpus(model, res) is not None:
-            continue
         if need <= res.ram_free:
             found.append(Candidate(res, [], partial(make_claim, ram=need, vram={}, unknown=not est.known)))
         else:

@@ -55,14 +55,14 @@ def test_a_placement_that_raises_strands_nothing(monkeypatch):
     make_worker("w")
     actions.do_create_model(name="good", source="local_path", local_path="/g.gguf")
     bad = actions.do_create_model(name="bad", source="local_path", local_path="/b.gguf")
-    real = scheduler._place_one
+    real = scheduler._decide
 
-    def flaky(instance, est, session, launches):
+    def flaky(instance, est, session):
         if instance.model_id == bad.pk:
             raise RuntimeError("a bug in one model's placement")
-        return real(instance, est, session, launches)
+        return real(instance, est, session)
 
-    monkeypatch.setattr(scheduler, "_place_one", flaky)
+    monkeypatch.setattr(scheduler, "_decide", flaky)
     outcome = schedule_instances(list(ModelInstance.objects.values_list("pk", flat=True)))
     states = {i.model.name: (i.state, i.state_message) for i in ModelInstance.objects.select_related("model")}
     assert states["good"][0] == "scheduled" and sorted(outcome.values()) == ["pending", "scheduled"]
