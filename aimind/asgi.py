@@ -1,4 +1,6 @@
+import multiprocessing
 import os
+import sys
 
 from django.core.asgi import get_asgi_application
 
@@ -9,7 +11,17 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set u
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 
+from aimind.supervisor import die_with_parent  # noqa: E402
+from gateway_app.proxy import Gateway, lifespan  # noqa: E402
 from models_app.routing import websocket_urlpatterns  # noqa: E402
+
+# A worker process of `uvicorn --workers` ends with its manager (killed outright, it would leave them holding the
+# port, and the restarted web server could not listen).
+_manager = multiprocessing.parent_process()
+if _manager is not None:
+    die_with_parent()
+    if os.getppid() != _manager.pid:
+        sys.exit("the web server's manager process is gone")
 
 
 class SameOriginWebSocket:
@@ -71,7 +83,9 @@ async def _too_large(send, limit: int) -> None:
 
 
 application = ProtocolTypeRouter({
-    # The admin's CSS/JS are served by the app itself: `up` is one process tree, no separate web server.
-    "http": BodyLimit(ASGIStaticFilesHandler(django_asgi_app)),
+    # /v1/ goes straight to the gateway (its keys and routes in memory, none of Django's request machinery);
+    # the admin's CSS/JS are served by the app itself: `up` is one process tree, no separate web server.
+    "http": BodyLimit(Gateway(ASGIStaticFilesHandler(django_asgi_app))),
     "websocket": SameOriginWebSocket(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    "lifespan": lifespan,
 })

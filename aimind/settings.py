@@ -41,6 +41,16 @@ MAX_REPLICAS = env_int("AIMIND_MAX_REPLICAS", 64, minimum=1, maximum=100000)  # 
 MAX_INSTANCES = env_int("AIMIND_MAX_INSTANCES", 1024, minimum=1, maximum=1000000)  # in the whole cluster
 MAX_REQUEST_BYTES = env_int("AIMIND_MAX_REQUEST_BYTES", 32 * 1024**2, minimum=1024)  # bodies and uploads: 413 above
 MAX_ANONYMOUS_REQUEST_BYTES = 64 * 1024  # a request that carries no credential at all (the sign-in form)
+# The web server's processes (uvicorn --workers); each holds the gateway's tables in memory.
+WEB_WORKERS = env_int("AIMIND_WEB_WORKERS", 1, minimum=1, maximum=64)
+# The gateway's keys and routes live in memory: how often each web process asks Redis whether they changed, and
+# reloads them in any case; how often usage counts and keys' last use are written.
+GATEWAY_REFRESH_INTERVAL = env_float("AIMIND_GATEWAY_REFRESH_INTERVAL", 0.25, minimum=0.01)
+GATEWAY_RELOAD_EVERY = env_float("AIMIND_GATEWAY_RELOAD_EVERY", 10.0, minimum=0.1)
+GATEWAY_USAGE_FLUSH_INTERVAL = env_float("AIMIND_GATEWAY_USAGE_FLUSH_INTERVAL", 10.0, minimum=0.1)
+# A replica whose connections fail this many times in a row is passed over for the cooldown, then tried again.
+GATEWAY_REPLICA_FAILURES = env_int("AIMIND_GATEWAY_REPLICA_FAILURES", 3, minimum=1, maximum=1000)
+GATEWAY_REPLICA_COOLDOWN = env_float("AIMIND_GATEWAY_REPLICA_COOLDOWN", 5.0, minimum=0.0)
 # Model env may not set the dynamic loader's or Python's start-up variables (code would run inside the backend).
 ALLOW_LOADER_ENV = env_bool("AIMIND_ALLOW_LOADER_ENV", False)
 # An instance analysing, scheduled or preparing with no progress for this long is placed again (its scheduler was

@@ -1,12 +1,15 @@
-"""/api/v1/keys: API keys through the API — issue one (its secret is in that answer only), list them, revoke one."""
+"""/api/v1/keys: API keys through the API — issue one (its secret is in that answer only), list them, revoke one;
+/api/v1/keys/usage: what the gateway passed, per model, per key and per day."""
 
 from __future__ import annotations
 
+from django.db.models import Sum
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from gateway_app.models import ApiKey, KeyScope
+from gateway_app.models import ApiKey, KeyScope, Usage
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
@@ -28,6 +31,55 @@ class IssuedKeySerializer(ApiKeySerializer):
         fields = [*ApiKeySerializer.Meta.fields, "key"]
 
 
+class UsageQuery(serializers.Serializer):
+    since = serializers.DateField(required=False, help_text="First day counted (UTC), inclusive.")
+    until = serializers.DateField(required=False, help_text="Last day counted (UTC), inclusive.")
+    model = serializers.CharField(required=False, max_length=255, help_text="Only this model (its name).")
+    key = serializers.IntegerField(required=False, min_value=1, help_text="Only this API key (its id).")
+
+
+class UsageTotals(serializers.Serializer):
+    requests = serializers.IntegerField()
+    prompt_tokens = serializers.IntegerField()
+    completion_tokens = serializers.IntegerField()
+
+
+class ModelUsage(UsageTotals):
+    model = serializers.CharField()
+
+
+class KeyUsage(UsageTotals):
+    key = serializers.IntegerField(allow_null=True)
+    name = serializers.CharField(allow_null=True)
+
+
+class DayUsage(UsageTotals):
+    day = serializers.DateField()
+
+
+class UsageSerializer(serializers.Serializer):
+    models = ModelUsage(many=True)
+    keys = KeyUsage(many=True)
+    days = DayUsage(many=True)
+
+
+def usage_totals(query: dict) -> dict:
+    rows = Usage.objects.all()
+    for field, lookup in (("since", "day__gte"), ("until", "day__lte"), ("model", "model_name"), ("key", "api_key")):
+        if field in query:
+            rows = rows.filter(**{lookup: query[field]})
+    sums = {"requests": Sum("requests"), "prompt_tokens": Sum("prompt_tokens"),
+            "completion_tokens": Sum("completion_tokens")}
+
+    def grouped(*fields):
+        return rows.order_by(*fields).values(*fields).annotate(**sums)
+
+    return {"models": [{"model": r.pop("model_name"), **r} for r in grouped("model_name")],
+            "keys": [{"key": r.pop("api_key"), "name": r.pop("api_key__name"), **r}
+                     for r in grouped("api_key", "api_key__name")],
+            "days": list(grouped("day"))}
+
+
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
                     mixins.DestroyModelMixin, viewsets.GenericViewSet):
     queryset = ApiKey.objects.select_related("user").order_by("id")
@@ -44,3 +96,12 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cre
 
     def perform_destroy(self, instance):
         instance.revoke()  # kept, revoked: its history (and who used it last) stays readable
+
+    @extend_schema(parameters=[UsageQuery], responses=UsageSerializer)
+    @action(detail=False, methods=["get"])
+    def usage(self, request):
+        """Requests and tokens through /v1 (as the backends reported them), per model, per key and per day (UTC).
+        Each web process writes its counts every AIMIND_GATEWAY_USAGE_FLUSH_INTERVAL seconds."""
+        query = UsageQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        return Response(UsageSerializer(usage_totals(query.validated_data)).data)

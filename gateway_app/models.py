@@ -8,6 +8,8 @@ from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
+from gateway_app import changes
+
 KEY_PREFIX = "aimind-"
 
 
@@ -22,7 +24,7 @@ class KeyScope(models.TextChoices):
 
 class ApiKey(models.Model):
     """A bearer key for the API and the OpenAI-compatible gateway; only its hash is stored. A key can expire, be
-    revoked (at once: every request looks it up), and be scoped to inference only."""
+    revoked (the API at once; the gateway's in-memory tables within a second), and be scoped to inference only."""
 
     name = models.CharField(max_length=255)
     scope = models.CharField(max_length=16, choices=KeyScope.choices, default=KeyScope.ADMIN)
@@ -54,7 +56,8 @@ class ApiKey(models.Model):
                 and self.user.is_active)
 
     def revoke(self) -> None:
-        ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+        if ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
+            changes.bump()  # an update sends no post_save
 
     @classmethod
     def find(cls, raw_key: str) -> ApiKey | None:
@@ -67,3 +70,24 @@ class ApiKey(models.Model):
         """The user of a usable management key (an inference-only key manages nothing), or None."""
         key = cls.find(raw_key)
         return key.user if key is not None and key.scope == KeyScope.ADMIN else None
+
+
+class Usage(models.Model):
+    """What the gateway passed, per day, API key and model: requests and the tokens the backends reported. Each web
+    process counts in memory and adds its counts here in batches."""
+
+    day = models.DateField()
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, related_name="usage")
+    model_name = models.CharField(max_length=255, help_text="The model as clients named it (kept when it is deleted).")
+    requests = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["day", "model_name"]
+        verbose_name = "usage"
+        verbose_name_plural = "usage"
+        constraints = [models.UniqueConstraint(fields=["day", "api_key", "model_name"], name="usage_per_day_key_model")]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model_name}: {self.requests} requests"

@@ -1,45 +1,49 @@
-"""Which running instance serves a request: round-robin over a model's running replicas."""
+"""Which running replica serves a request: the one with the fewest requests in flight (ties in turn), passing over
+a replica whose connections keep failing until its cooldown ends (then one request tries it again)."""
 
 from __future__ import annotations
 
-import itertools
-from collections import defaultdict
-from dataclasses import dataclass
+import time
 
-from models_app.choices import InstanceState
-from models_app.models import Model, ModelInstance
+from django.conf import settings
 
-_counters: dict[int, itertools.count] = defaultdict(itertools.count)
+from gateway_app.tables import Replica, Route
 
 
-@dataclass(frozen=True)
-class Upstream:
-    instance_id: int
-    base_url: str
-    backend: str = ""
-    api_key: str = ""  # the instance's own: its backend answers nobody else
+def pick(route: Route, tried: set[int] = frozenset()) -> Replica | None:
+    """The least busy replica not yet tried; a failing one only when every other is failing or tried too."""
+    now = time.monotonic()
+    best: list[Replica] = []
+    best_load = None
+    fallback: list[Replica] = []
+    for replica in route.replicas:
+        if replica.instance_id in tried:
+            continue
+        if replica.skip_until > now:
+            fallback.append(replica)
+            continue
+        if best_load is None or replica.outstanding < best_load:
+            best, best_load = [replica], replica.outstanding
+        elif replica.outstanding == best_load:
+            best.append(replica)
+    if not best:
+        if not fallback:
+            return None
+        best = [min(fallback, key=lambda r: r.skip_until)]  # the one whose cooldown ends first
+    if len(best) == 1:
+        return best[0]
+    route.turn += 1
+    return best[route.turn % len(best)]
 
 
-class UnknownModel(Exception):
-    pass
+def note_failure(replica: Replica) -> None:
+    """A connection to it failed: after GATEWAY_REPLICA_FAILURES in a row it is skipped for the cooldown."""
+    replica.failures += 1
+    if replica.failures >= settings.GATEWAY_REPLICA_FAILURES:
+        replica.skip_until = time.monotonic() + settings.GATEWAY_REPLICA_COOLDOWN
 
 
-class NoRunningInstance(Exception):
-    pass
-
-
-async def pick_upstream(model_name: str) -> Upstream:
-    model = await Model.objects.filter(name=model_name).only("id", "backend").afirst()
-    if model is None:
-        raise UnknownModel(model_name)
-    running = [
-        row
-        async for row in ModelInstance.objects.filter(
-            model_id=model.pk, state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False
-        ).order_by("id").values_list("pk", "worker__ip", "port", "backend", "backend_api_key")
-    ]
-    if not running:
-        raise NoRunningInstance(model_name)
-    pk, ip, port, backend, key = running[next(_counters[model.pk]) % len(running)]
-    host = "127.0.0.1" if ip in ("", "0.0.0.0") else ip
-    return Upstream(pk, f"http://{host}:{port}", backend or model.backend, key)
+def note_success(replica: Replica) -> None:
+    if replica.failures:
+        replica.failures = 0
+        replica.skip_until = 0.0

@@ -1,0 +1,204 @@
+"""What /v1 needs to know, held in memory in each web process: the usable API keys and the routing table (model
+name → its running replicas). Reloaded from the database (three queries, off the event loop) when the version that
+gateway_app.changes bumps moves, and every GATEWAY_RELOAD_EVERY seconds in any case; a request waits for the
+database only before the first load. With Redis down the last tables keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import redis.asyncio
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from gateway_app import changes
+from gateway_app.models import hash_key
+
+logger = logging.getLogger(__name__)
+REDIS_RETRY_AFTER = 1.0  # seconds without asking Redis again after it failed to answer
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    id: int
+    scope: str
+    expires_at: float | None  # epoch seconds
+
+
+@dataclass(slots=True, eq=False)
+class Replica:
+    """One running instance as the balancer sees it; its counters live as long as the instance keeps running
+    at the same address (a reload keeps the same object)."""
+
+    instance_id: int
+    host: str
+    port: int
+    backend: str
+    api_key: str
+    outstanding: int = 0  # requests this process has in flight on it
+    failures: int = 0  # connection failures in a row
+    skip_until: float = 0.0  # monotonic time before which the balancer passes it over
+    head: bytes = field(init=False)  # the request header lines that are this replica's own
+
+    def __post_init__(self) -> None:
+        self.head = f"host: {self.host}:{self.port}\r\n".encode() + (
+            f"authorization: Bearer {self.api_key}\r\n".encode() if self.api_key else b"")
+
+
+@dataclass(slots=True, eq=False)
+class Route:
+    model_id: int
+    name: str
+    replicas: list[Replica] = field(default_factory=list)
+    turn: int = 0  # round robin among equally busy replicas
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    keys: dict[str, Key]  # by the key's hash
+    routes: dict[str, Route]  # by model name, every model (a model with no running instance has no replicas)
+    models_body: bytes  # GET /v1/models, rendered once per load
+
+    def key(self, token: str) -> Key | None:
+        """The usable key behind a bearer token (not revoked, its user active: else it is not loaded; not expired)."""
+        key = self.keys.get(hash_key(token))
+        if key is None or (key.expires_at is not None and key.expires_at <= time.time()):
+            return None
+        return key
+
+
+def done_with_database() -> None:
+    """As after a request: let go of a broken or expired connection (never inside a transaction: a test's own)."""
+    from django.db import connection, reset_queries
+
+    if not connection.in_atomic_block:
+        reset_queries()
+        connection.close_if_unusable_or_obsolete()
+
+
+def load_snapshot(previous: Snapshot | None = None) -> Snapshot:
+    """Read the tables (runs in a thread). Replicas unchanged since `previous` keep their counters."""
+    from gateway_app.models import ApiKey
+    from models_app.choices import InstanceState
+    from models_app.models import Model, ModelInstance
+
+    try:
+        keys = {key_hash: Key(pk, scope, expires.timestamp() if expires else None)
+                for pk, key_hash, scope, expires in ApiKey.objects.filter(
+                    revoked_at__isnull=True, user__is_active=True).values_list("pk", "key_hash", "scope", "expires_at")}
+        models = list(Model.objects.order_by("name").values_list("pk", "name", "backend", "categories", "created_at"))
+        running = list(ModelInstance.objects.filter(
+            state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False,
+        ).order_by("id").values_list("pk", "model_id", "worker__ip", "port", "backend", "backend_api_key"))
+    finally:
+        done_with_database()
+    kept = {(r.instance_id, r.host, r.port, r.api_key): r for route in (previous.routes.values() if previous else ())
+            for r in route.replicas}
+    routes = {name: Route(pk, name) for pk, name, *_ in models}
+    by_id = {route.model_id: route for route in routes.values()}
+    backend_of = {pk: backend for pk, _, backend, *_ in models}
+    for pk, model_id, ip, port, backend, api_key in running:
+        host = "127.0.0.1" if ip in ("", "0.0.0.0") else ip
+        replica = kept.get((pk, host, port, api_key)) or Replica(pk, host, port, backend or backend_of[model_id],
+                                                                 api_key)
+        by_id[model_id].replicas.append(replica)
+    listing = [{"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "aimind",
+                "categories": categories, "ready_replicas": len(by_id[pk].replicas)}
+               for pk, name, _, categories, created in models]
+    return Snapshot(keys, routes, json.dumps({"object": "list", "data": listing}).encode())
+
+
+class Tables:
+    """The current snapshot of one process, and how it stays current: a watcher task asks Redis for the version
+    every GATEWAY_REFRESH_INTERVAL seconds; without one (no lifespan, a test's own loop) requests ask when due."""
+
+    def __init__(self) -> None:
+        self.snapshot: Snapshot | None = None
+        self.version: bytes | None = None  # Redis's, when the snapshot was read
+        self.local = -1  # this process's change counter, when the snapshot was read
+        self.loaded_at = self.checked_at = -1e9
+        self._redis: dict[int, tuple[asyncio.AbstractEventLoop, str, redis.asyncio.Redis]] = {}
+        self._redis_failed_at = -1e9
+        self._reload: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
+
+    async def current(self) -> Snapshot:
+        if self.snapshot is None or self.local != changes.local_version():
+            await self.reload()
+        elif time.monotonic() - self.checked_at > 3 * settings.GATEWAY_REFRESH_INTERVAL:
+            await self.check()
+        return self.snapshot
+
+    async def check(self) -> None:
+        """Reload when Redis's version moved, or when the last load is GATEWAY_RELOAD_EVERY seconds old."""
+        remote = await self._remote_version()
+        self.checked_at = now = time.monotonic()
+        if (remote is not None and remote != self.version) or self.local != changes.local_version() \
+                or now - self.loaded_at >= settings.GATEWAY_RELOAD_EVERY:
+            await self.reload(remote)
+
+    async def recheck(self) -> bool:
+        """A key or a model was not found: perhaps it is newer than these tables (or was changed by a process that
+        could not reach Redis: then a reload, at most once a second). True when the snapshot changed."""
+        before = self.snapshot
+        remote = await self._remote_version()
+        if (remote is not None and remote != self.version) or self.local != changes.local_version() \
+                or time.monotonic() - self.loaded_at >= 1.0:
+            await self.reload(remote)
+        return self.snapshot is not before
+
+    async def reload(self, remote: bytes | None = None) -> None:
+        """One load at a time per loop; concurrent callers wait for the same one."""
+        loop = asyncio.get_running_loop()
+        if self._reload is not None and self._reload[0] is loop and not self._reload[1].done():
+            await asyncio.shield(self._reload[1])
+            return
+        task = loop.create_task(self._load(remote))
+        self._reload = (loop, task)
+        await asyncio.shield(task)
+
+    async def _load(self, remote: bytes | None) -> None:
+        local = changes.local_version()
+        if remote is None:
+            remote = await self._remote_version()
+        try:
+            snapshot = await sync_to_async(load_snapshot)(self.snapshot)
+        except Exception:
+            if self.snapshot is None:
+                raise
+            logger.warning("could not reload the gateway's tables; serving the last ones", exc_info=True)
+            return
+        self.snapshot, self.version, self.local = snapshot, remote, local
+        self.loaded_at = self.checked_at = time.monotonic()
+
+    async def _remote_version(self) -> bytes | None:
+        if not settings.REDIS_URL or time.monotonic() - self._redis_failed_at < REDIS_RETRY_AFTER:
+            return None
+        loop, url = asyncio.get_running_loop(), settings.REDIS_URL
+        entry = self._redis.get(id(loop))
+        if entry is None or entry[0] is not loop or entry[1] != url:
+            self._redis = {k: v for k, v in self._redis.items() if not v[0].is_closed()}
+            entry = self._redis[id(loop)] = (loop, url, redis.asyncio.Redis.from_url(
+                url, socket_timeout=0.5, socket_connect_timeout=0.5))
+        try:
+            return await entry[2].get(changes.VERSION_KEY) or b"0"
+        except (redis.RedisError, OSError) as exc:
+            if time.monotonic() - self._redis_failed_at > 60:
+                logger.warning("the gateway cannot ask Redis for changes (%s); serving the tables it has", exc)
+            self._redis_failed_at = time.monotonic()
+            return None
+
+    async def watch(self) -> None:
+        """Runs for the life of the process (started by the ASGI lifespan)."""
+        while True:
+            try:
+                await self.check()
+            except Exception:
+                logger.exception("the gateway's table watcher failed; trying again")
+            await asyncio.sleep(settings.GATEWAY_REFRESH_INTERVAL)
+
+
+TABLES = Tables()
