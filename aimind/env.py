@@ -12,6 +12,14 @@ def env_str(name: str, default: str = "") -> str:
     return os.environ.get(name, default).strip() or default
 
 
+def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
+    """An upper-case word out of `choices` (log levels and the like)."""
+    value = env_str(name, default).upper()
+    if value not in choices:
+        raise ImproperlyConfigured(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
     raw = os.environ.get(name, "").strip()
     if not raw:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from aimind.env import database_from_url, env_bool, env_float, env_int, env_path, env_str
+from aimind.env import database_from_url, env_bool, env_choice, env_float, env_int, env_path, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 load_dotenv(BASE_DIR / ".env", override=False)
@@ -48,6 +48,10 @@ WEB_WORKERS = env_int("AIMIND_WEB_WORKERS", 1, minimum=1, maximum=64)
 GATEWAY_REFRESH_INTERVAL = env_float("AIMIND_GATEWAY_REFRESH_INTERVAL", 0.25, minimum=0.01)
 GATEWAY_RELOAD_EVERY = env_float("AIMIND_GATEWAY_RELOAD_EVERY", 10.0, minimum=0.1)
 GATEWAY_USAGE_FLUSH_INTERVAL = env_float("AIMIND_GATEWAY_USAGE_FLUSH_INTERVAL", 10.0, minimum=0.1)
+# What `up`/`server` print: their children's lines at or above this level (every line goes to <data dir>/logs/).
+LOG_LEVEL = env_choice("AIMIND_LOG_LEVEL", "WARNING", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
+# The bearer token Prometheus presents to /metrics; unset, /metrics answers 404.
+METRICS_TOKEN = os.environ.get("AIMIND_METRICS_TOKEN", "")
 # A replica whose connections fail this many times in a row is passed over for the cooldown, then tried again.
 GATEWAY_REPLICA_FAILURES = env_int("AIMIND_GATEWAY_REPLICA_FAILURES", 3, minimum=1, maximum=1000)
 GATEWAY_REPLICA_COOLDOWN = env_float("AIMIND_GATEWAY_REPLICA_COOLDOWN", 5.0, minimum=0.0)
@@ -57,6 +61,8 @@ ALLOW_LOADER_ENV = env_bool("AIMIND_ALLOW_LOADER_ENV", False)
 # killed, its launch lost, its worker died mid-install); workers note their downloads and installs alive.
 STUCK_AFTER = env_float("AIMIND_STUCK_AFTER", 300.0, minimum=5.0)
 EVENT_RETENTION_DAYS = env_float("AIMIND_EVENT_RETENTION_DAYS", 14.0, minimum=0.01)
+# Per-minute samples of the gateway's use and of workers' load (the dashboard): kept this long.
+SAMPLE_RETENTION_HOURS = env_float("AIMIND_SAMPLE_RETENTION_HOURS", 48.0, minimum=1.0)
 BACKEND_PORT_RANGE = (env_int("AIMIND_BACKEND_PORT_MIN", 40000, minimum=1024, maximum=65535),
                       env_int("AIMIND_BACKEND_PORT_MAX", 41000, minimum=1024, maximum=65535))
 
@@ -210,6 +216,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("AIMIND_LOG_LEVEL", "INFO")},
+    # Every process logs INFO (DEBUG when asked) to its output, which `up` files; AIMIND_LOG_LEVEL filters the console.
+    "root": {"handlers": ["console"], "level": "DEBUG" if LOG_LEVEL == "DEBUG" else "INFO"},
     "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
 }

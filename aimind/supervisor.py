@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import logging.handlers
+import re
 import signal
 import socket
 import subprocess
@@ -45,6 +47,44 @@ def wait_for_port(host: str, port: int, timeout: float, alive=lambda: True) -> b
     return False
 
 
+LOG_FILE_BYTES = 10 * 1024**2  # each process's log file is rotated at this size, three old ones kept
+LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING, "WARNING": logging.WARNING,
+          "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+_LEVEL_IN_LINE = re.compile(r"\b(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\b")
+_console_lock = threading.Lock()
+
+
+def line_level(line: str, previous: int) -> int:
+    """The logging level a line of a child's output speaks at, as its formatter wrote it near the start (Python's
+    logging, Celery's `[…: WARNING/MainProcess]`, uvicorn's `INFO:`); a traceback is an error; any other line
+    continues the one before (a traceback's body, a long message)."""
+    found = _LEVEL_IN_LINE.search(line[:80])
+    if found:
+        return LEVELS[found.group(1)]
+    if line.startswith("Traceback (most recent call last)"):
+        return logging.ERROR
+    return previous
+
+
+def log_handler(path: Path) -> logging.Handler:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_BYTES, backupCount=3, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def console(text: str) -> None:
+    """A line for the person at the terminal; a console that went away (a closed pipe) or cannot show a character
+    costs nothing else."""
+    with _console_lock:
+        try:
+            encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+            sys.stdout.write(text.encode(encoding, "replace").decode(encoding) + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
+
 @dataclass
 class Child:
     name: str
@@ -52,22 +92,44 @@ class Child:
     stop_timeout: float = 15.0
     popen: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
+    log: logging.Handler | None = None
 
 
 class Supervisor:
-    def __init__(self, env: dict[str, str], data_dir: Path):
+    """`console_level`: the children's lines at or above it are echoed to the console (prefixed with the child's
+    name); every line goes to `<data dir>/logs/<child>.log` (rotated)."""
+
+    def __init__(self, env: dict[str, str], data_dir: Path, console_level: int = logging.WARNING):
         self.env = env
         self.data_dir = data_dir
+        self.console_level = console_level
         self.children: list[Child] = []
         self.stopping = threading.Event()
 
     def spawn(self, child: Child) -> Child:
+        if child.log is None:
+            child.log = log_handler(self.data_dir / "logs" / f"{child.name}.log")
         child.popen = subprocess.Popen(child.cmd, env=self.env, start_new_session=True, preexec_fn=die_with_parent,
-                                       stdin=subprocess.DEVNULL)
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._pump, args=(child, child.popen), daemon=True, name=f"log-{child.name}").start()
         logger.info("started %s (pid %s)", child.name, child.popen.pid)
         if child not in self.children:
             self.children.append(child)
         return child
+
+    def _pump(self, child: Child, popen: subprocess.Popen) -> None:
+        """Until the child closes its output: each line to its log file, the loud ones to the console."""
+        level = logging.INFO
+        for raw in popen.stdout:  # drained to the end whatever happens to a line: a child never blocks on its output
+            try:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                level = line_level(line, level)
+                child.log.handle(logging.makeLogRecord({"msg": line, "levelno": level, "args": ()}))
+                if level >= self.console_level:
+                    console(f"{child.name}: {line}")
+            except Exception:  # noqa: BLE001 - a disk full, a bad line: the next line may fare better
+                continue
+        popen.stdout.close()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

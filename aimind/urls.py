@@ -5,6 +5,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
+from aimind.metrics import metrics_view
 from gateway_app.api import ApiKeyViewSet
 from models_app.api import ModelInstanceViewSet, ModelViewSet
 from models_app.sources_api import SourceFilesView, SourceModelsView
@@ -26,6 +27,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("i18n/", include("django.conf.urls.i18n")),
     path("admin/", admin.site.urls),
+    path("metrics", metrics_view, name="metrics"),
     path("api/v1/gpus", GpuListView.as_view(), name="gpu-list"),
     path("api/v1/evaluations", EvaluationView.as_view(), name="evaluations"),
     path("api/v1/sources/<str:hub>/models", SourceModelsView.as_view(), name="source-models"),

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import gguf
 import numpy as np
-import psutil
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,6 +47,7 @@ from scheduler_app.estimators.gguf import (  # noqa: E402
 from scheduler_app.estimators.gguf_reader import read_gguf_header  # noqa: E402
 from tests.fixtures.sparse_gguf import _vocab  # noqa: E402
 from tests.fixtures.tiny_gguf import _tensor_name, add_chatml_tokenizer_tail, add_llama_hparams  # noqa: E402
+from workers_app import measure as backend_measure  # noqa: E402
 
 MIB = 1024**2
 DEFAULT_CTX = 8192
@@ -166,20 +166,21 @@ def _status_kib(pid: int, key: str) -> int:
 
 
 class _Sampler(threading.Thread):
-    """Samples the process's RSS every 20 ms; keeps the peak."""
+    """Samples the process tree every 20 ms the way a worker measures a backend for its instance's `measured`
+    (workers_app.measure: PSS of the tree); keeps the peak."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.process = psutil.Process(pid)
+        self.pid = pid
         self.peak = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                self.peak = max(self.peak, self.process.memory_info().rss)
-            except psutil.Error:
+            pids = backend_measure.tree_pids(self.pid)
+            if not pids:
                 return
+            self.peak = max(self.peak, backend_measure.tree_memory(pids))
             self.stop.wait(0.02)
 
 
@@ -220,6 +221,7 @@ def measure(server: pathlib.Path, model: pathlib.Path, ctx_size: int, log_path: 
             "rss_anon": _status_kib(proc.pid, "RssAnon") * 1024,
             "rss_file": _status_kib(proc.pid, "RssFile") * 1024,
             "sampled_peak": sampler.peak,
+            "worker": backend_measure.measure({0: proc.pid})["0"]["ram"],  # what the instance's `measured` says
         }
     finally:
         sampler.stop.set()
@@ -287,7 +289,7 @@ def main() -> int:
 
     print()
     print(f"{'shape':<7} {'layers x embd x ff / vocab':<27} {'type':<5} {'file':>5} {'ctx':>5} {'predicted':>9} "
-          f"{'VmHWM':>6} {'sampled':>7} {'error':>7} | {'KV':>4} {'compute: llama':>14} {'est.':>5} "
+          f"{'VmHWM':>6} {'sampled':>7} {'worker':>6} {'error':>7} | {'KV':>4} {'compute: llama':>14} {'est.':>5} "
           f"{'prompt cache':>12} {'anon':>5} {'file-backed':>11}")
     worst = 0.0
     for shape, size, info, ctx, predicted, m in rows:
@@ -296,12 +298,13 @@ def main() -> int:
         dims = f"{shape.n_layer} x {shape.n_embd} x {shape.n_ff} / {shape.n_vocab}"
         buffers = m["buffers"]
         print(f"{shape.name:<7} {dims:<27} {shape.dtype:<5} {size / MIB:>5.0f} {ctx:>5} {predicted / MIB:>9.0f} "
-              f"{m['hwm'] / MIB:>6.0f} {m['sampled_peak'] / MIB:>7.0f} {error:>+7.1%} | "
+              f"{m['hwm'] / MIB:>6.0f} {m['sampled_peak'] / MIB:>7.0f} {m['worker'] / MIB:>6.0f} {error:>+7.1%} | "
               f"{buffers.get('CPU KV', 0):>4.0f} {buffers.get('CPU compute', 0):>14.1f} "
               f"{compute_buffer_bytes(info, ctx) / MIB:>5.1f} {m['prompt_cache_mib']:>12.1f} "
               f"{m['rss_anon'] / MIB:>5.0f} {m['rss_file'] / MIB:>11.0f}")
-    print("(all sizes in MiB; error = (predicted - VmHWM) / VmHWM; right of | : llama-server's own buffer report, "
-          "the estimator's compute allowance, and the RSS split)")
+    print("(all sizes in MiB; sampled: the peak of the worker's own measurement (PSS of the process tree) every "
+          "20 ms; worker: what the instance's `measured` would say at the end; error = (predicted - VmHWM) / VmHWM; "
+          "right of | : llama-server's own buffer report, the estimator's compute allowance, and the RSS split)")
     print(f"\nworst error {worst:.1%} (goal ±{GOAL:.0%}): {'OK' if worst <= GOAL else 'MISSED'}")
     return 0 if worst <= GOAL else 1
 

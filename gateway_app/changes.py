@@ -48,15 +48,24 @@ def _bump_local() -> None:
         _local["version"] += 1
 
 
-def _publish() -> None:
-    _bump_local()
+def redis_client() -> redis.Redis | None:
+    """A client of the server's Redis (kept per URL; short timeouts: callers never wait long for it), or None when
+    there is none to ask."""
     url = redis_url()
     if not url:
-        return
+        return None
+    client = _client.get(url)
+    if client is None:
+        client = _client[url] = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return client
+
+
+def _publish() -> None:
+    _bump_local()
     try:
-        client = _client.get(url)
+        client = redis_client()
         if client is None:
-            client = _client[url] = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            return
         client.incr(VERSION_KEY)
     except redis.RedisError as exc:  # the web processes still reload on their periodic pass
         logger.warning("could not tell the gateway about a change (Redis: %s)", exc)

@@ -91,3 +91,27 @@ class Usage(models.Model):
 
     def __str__(self) -> str:
         return f"{self.day} {self.model_name}: {self.requests} requests"
+
+
+class UsageMinute(models.Model):
+    """What the gateway passed in one minute, per API key and model: requests, errors, tokens and the latency
+    histogram (counts per aimind.metrics.LATENCY_BUCKETS, then +Inf). For the dashboard's last hour and day; kept
+    AIMIND_SAMPLE_RETENTION_HOURS."""
+
+    minute = models.DateTimeField(db_index=True)
+    api_key = models.ForeignKey(ApiKey, on_delete=models.SET_NULL, null=True, related_name="usage_minutes")
+    model_name = models.CharField(max_length=255)
+    requests = models.PositiveIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0, help_text="Answers that were not 2xx, and clients that left.")
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    latency_seconds = models.FloatField(default=0, help_text="The sum over its requests.")
+    latency_buckets = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        ordering = ["minute", "model_name"]
+        constraints = [models.UniqueConstraint(fields=["minute", "api_key", "model_name"],
+                                               name="usage_per_minute_key_model")]
+
+    def __str__(self) -> str:
+        return f"{self.minute:%Y-%m-%d %H:%M} {self.model_name}: {self.requests} requests"

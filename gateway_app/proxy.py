@@ -12,6 +12,7 @@ import time
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from aimind import metrics
 from gateway_app import usage
 from gateway_app.authentication import bearer_token
 from gateway_app.routing import note_failure, note_success, pick
@@ -143,6 +144,7 @@ class Gateway:
             return await _error(send, 404, f"The model '{model_name}' does not exist.", "invalid_request_error",
                                 "model_not_found")
         if not target.replicas:
+            usage.METER.note_served(model_name, 503, 0.0, key.id)
             return await _error(send, 503, f"The model '{model_name}' has no running instance.",
                                 "service_unavailable", "no_running_instance")
         head = b"POST /v1/%s HTTP/1.1\r\n%scontent-length: %d\r\n" % (route.encode(), b"".join(passed), len(body))
@@ -158,9 +160,13 @@ class Forwarding:
         self.replica: Replica | None = None
         self.exchange: Exchange | None = None
         self.answered = False
+        self.status = 0  # as sent to the client
+        self.began = time.monotonic()
 
     async def send(self, message: dict) -> None:
-        if not message.get("more_body") and message["type"] == "http.response.body":
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body"):
             self.answered = True  # uvicorn's receive() says "disconnect" from now on: no client has left
         await self._send(message)
 
@@ -188,6 +194,8 @@ class Forwarding:
                 self.exchange.abort()  # the client left mid-answer: the backend stops generating
             if self.replica is not None:
                 self.replica.outstanding -= 1
+            usage.METER.note_served(self.target.name, self.status if self.answered else 0,
+                                    time.monotonic() - self.began, self.key.id)
 
     async def connect(self, head: bytes, body: bytes) -> bool:
         """Send to the least busy replica; a replica that refuses the connection passes the request on. False when
@@ -325,19 +333,30 @@ def _vox_box_error(status: int, content_type: bytes, body: bytes) -> tuple[int, 
 
 
 async def flush_usage() -> None:
-    counts, last_used = usage.METER.take()
-    if not counts and not last_used:
+    served = usage.METER.take_served()
+    counts, last_used, minutes = usage.METER.take()
+    if served or counts:
+        tokens: dict[str, list[int]] = {}
+        for (_, _, model), (_, prompt, completion) in counts.items():
+            entry = tokens.setdefault(model, [0, 0])
+            entry[0] += prompt
+            entry[1] += completion
+        try:
+            await asyncio.to_thread(metrics.add_gateway, served, tokens)
+        except Exception as exc:  # /metrics misses these counts; nothing else does
+            logger.warning("could not add the gateway's counts for /metrics: %s", exc)
+    if not counts and not last_used and not minutes:
         return
     try:
-        await sync_to_async(_write_usage)(counts, last_used)
+        await sync_to_async(_write_usage)(counts, last_used, minutes)
     except Exception:  # a busy database delays the counts, never a request
-        usage.METER.put_back(counts, last_used)
+        usage.METER.put_back(counts, last_used, minutes)
         logger.warning("could not write the gateway's usage counts; keeping them for the next try", exc_info=True)
 
 
-def _write_usage(counts: dict, last_used: dict) -> None:
+def _write_usage(counts: dict, last_used: dict, minutes: dict) -> None:
     try:
-        usage.write(counts, last_used)
+        usage.write(counts, last_used, minutes)
     finally:
         done_with_database()
 

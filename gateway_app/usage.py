@@ -45,12 +45,50 @@ class Meter:
     def __init__(self) -> None:
         self.counts: dict[tuple[date, int, str], list[int]] = {}
         self.last_used: dict[int, float] = {}
+        # For /metrics: (model, status class) → [requests, latency sum, count per latency bucket…].
+        self.served: dict[tuple[str, str], list] = {}
+        # For the dashboard: (minute, key id, model) → [requests, errors, prompt, completion, latency sum, buckets…].
+        self.minutes: dict[tuple[datetime, int | None, str], list] = {}
         self.flushed_at = time.monotonic()
+
+    def _minute(self, key_id: int | None, model_name: str) -> list:
+        from aimind.metrics import LATENCY_BUCKETS
+
+        bucket = (datetime.now(UTC).replace(second=0, microsecond=0), key_id, model_name)
+        entry = self.minutes.get(bucket)
+        if entry is None:
+            entry = self.minutes[bucket] = [0, 0, 0, 0, 0.0] + [0] * (len(LATENCY_BUCKETS) + 1)
+        return entry
+
+    def note_served(self, model_name: str, status: int, seconds: float, key_id: int | None = None) -> None:
+        """One request for a model answered (`status` 0: the client left first), and how long it took."""
+        from aimind.metrics import LATENCY_BUCKETS, bucket_of
+
+        key = (model_name, f"{status // 100}xx" if status else "client_left")
+        entry = self.served.get(key)
+        if entry is None:
+            entry = self.served[key] = [0, 0.0] + [0] * (len(LATENCY_BUCKETS) + 1)
+        index = bucket_of(seconds)
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2 + index] += 1
+        minute = self._minute(key_id, model_name)
+        minute[0] += 1
+        minute[1] += not 200 <= status < 300
+        minute[4] += seconds
+        minute[5 + index] += 1
+
+    def take_served(self) -> dict[tuple[str, str], list]:
+        served, self.served = self.served, {}
+        return served
 
     def note_use(self, key_id: int) -> None:
         self.last_used[key_id] = time.time()
 
     def note_answer(self, key_id: int, model_name: str, prompt: int, completion: int) -> None:
+        minute = self._minute(key_id, model_name)
+        minute[2] += prompt
+        minute[3] += completion
         bucket = (datetime.now(UTC).date(), key_id, model_name)
         counts = self.counts.get(bucket)
         if counts is None:
@@ -60,14 +98,21 @@ class Meter:
             counts[1] += prompt
             counts[2] += completion
 
-    def take(self) -> tuple[dict, dict]:
-        counts, last_used = self.counts, self.last_used
-        self.counts, self.last_used = {}, {}
+    def take(self) -> tuple[dict, dict, dict]:
+        counts, last_used, minutes = self.counts, self.last_used, self.minutes
+        self.counts, self.last_used, self.minutes = {}, {}, {}
         self.flushed_at = time.monotonic()
-        return counts, last_used
+        return counts, last_used, minutes
 
-    def put_back(self, counts: dict, last_used: dict) -> None:
+    def put_back(self, counts: dict, last_used: dict, minutes: dict | None = None) -> None:
         """A flush failed: its counts join the next one (a last-used mark newer than the lost one wins)."""
+        for bucket, values in (minutes or {}).items():
+            mine = self.minutes.get(bucket)
+            if mine is None:
+                self.minutes[bucket] = list(values)
+            else:
+                for index, value in enumerate(values):
+                    mine[index] += value
         for bucket, (requests, prompt, completion) in counts.items():
             mine = self.counts.setdefault(bucket, [0, 0, 0])
             mine[0] += requests
@@ -77,10 +122,18 @@ class Meter:
             self.last_used[key_id] = max(when, self.last_used.get(key_id, 0.0))
 
 
-def write(counts: dict, last_used: dict) -> None:
+def write(counts: dict, last_used: dict, minutes: dict | None = None) -> None:
     """Add a batch to the database (sync; web processes call it in a thread). Several processes may add to the same
     row at once: increments, and a row created by whoever comes first."""
+    with transaction.atomic():  # all or nothing: a batch put back after a failure is never counted twice
+        _write(counts, last_used, minutes or {})
+
+
+def _write(counts: dict, last_used: dict, minutes: dict) -> None:
     from gateway_app.models import ApiKey, Usage
+
+    for (minute, key_id, model_name), values in minutes.items():
+        _add_minute(minute, key_id, model_name, values)
 
     for key_id, when in last_used.items():
         ApiKey.objects.filter(pk=key_id).update(last_used_at=datetime.fromtimestamp(when, UTC))
@@ -99,3 +152,34 @@ def write(counts: dict, last_used: dict) -> None:
 
 
 METER = Meter()
+
+
+def _add_minute(minute: datetime, key_id: int | None, model_name: str, values: list) -> None:
+    from gateway_app.models import UsageMinute
+
+    requests, errors, prompt, completion, seconds, *buckets = values
+    row = UsageMinute.objects.filter(minute=minute, api_key_id=key_id, model_name=model_name)
+    increments = {"requests": F("requests") + requests, "errors": F("errors") + errors,
+                  "prompt_tokens": F("prompt_tokens") + prompt,
+                  "completion_tokens": F("completion_tokens") + completion,
+                  "latency_seconds": F("latency_seconds") + seconds}
+    for _ in range(2):
+        with transaction.atomic():
+            found = row.select_for_update().values_list("latency_buckets", flat=True).first()
+            if found is not None:  # the histogram is a list: read, add, write, under the row's lock
+                merged = [a + b for a, b in zip(_padded(found, len(buckets)), buckets, strict=True)]
+                row.update(latency_buckets=merged, **increments)
+                return
+        try:
+            with transaction.atomic():
+                UsageMinute.objects.create(minute=minute, api_key_id=key_id, model_name=model_name,
+                                           requests=requests, errors=errors, prompt_tokens=prompt,
+                                           completion_tokens=completion, latency_seconds=seconds,
+                                           latency_buckets=list(buckets))
+                return
+        except IntegrityError:  # another process made it meanwhile (or the key is gone): add to it next round
+            continue
+
+
+def _padded(values: list, size: int) -> list[int]:
+    return [int(v) for v in values[:size]] + [0] * max(0, size - len(values))

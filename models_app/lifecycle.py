@@ -14,6 +14,7 @@ from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
 
+from aimind import metrics
 from models_app.choices import ErrorKind, InstanceState
 from models_app.models import InstanceEvent, Model, ModelInstance
 
@@ -73,6 +74,10 @@ def _transition(instances: ModelInstance | Iterable[int], to: str, *, cause: str
     ids = [single.pk] if single is not None else list(instances)
     if to != S.ERROR:
         fields.setdefault("error_kind", "")
+    if to == S.SCHEDULED:
+        fields.setdefault("measured", {})  # a new start: the last run's figures no longer describe it
+    if to == S.PENDING:
+        fields.setdefault("placement_explanation", {})  # back to waiting: the old "why here" no longer holds
     now = timezone.now()
     with transaction.atomic():
         query = ModelInstance.objects.select_for_update().filter(pk__in=ids, state__in=sources)
@@ -111,9 +116,12 @@ def do_wait_for_room(instance: ModelInstance, message: str, cause: str = "no_fit
     return bool(_transition(instance, S.PENDING, cause=cause, message=message, from_states=[S.ANALYZING]))
 
 
-def do_wait_for_room_many(instance_ids: list[int], message: str, cause: str = "no_fit") -> list[int]:
-    """`do_wait_for_room` for several instances of a pass that wait for the same reason."""
-    return _transition(instance_ids, S.PENDING, cause=cause, message=message, from_states=[S.ANALYZING])
+def do_wait_for_room_many(instance_ids: list[int], message: str, cause: str = "no_fit",
+                          explanation: dict | None = None) -> list[int]:
+    """`do_wait_for_room` for several instances of a pass that wait for the same reason (and, when nothing fits,
+    the scheduler's `placement_explanation` of why not)."""
+    fields = {} if explanation is None else {"placement_explanation": explanation}
+    return _transition(instance_ids, S.PENDING, cause=cause, message=message, from_states=[S.ANALYZING], **fields)
 
 
 def do_place(instance: ModelInstance, message: str, **placement) -> bool:
@@ -123,7 +131,7 @@ def do_place(instance: ModelInstance, message: str, **placement) -> bool:
 
 
 PLACEMENT_FIELDS = ("worker", "gpu_indexes", "computed_resource_claim", "distributed_servers", "backend",
-                    "backend_version")
+                    "backend_version", "placement_explanation")
 
 
 def _update_rows(instances: list[ModelInstance], names: list[str]) -> None:
@@ -156,15 +164,15 @@ def do_place_many(placements: list[tuple[ModelInstance, str, dict]]) -> list[int
         for instance, message, fields in placements:
             if instance.pk not in still:
                 continue
-            instance.state, instance.state_message, instance.updated_at, instance.error_kind = (
-                S.SCHEDULED, message, now, "")
+            instance.state, instance.state_message, instance.updated_at, instance.error_kind, instance.measured = (
+                S.SCHEDULED, message, now, "", {})
             for name, value in fields.items():
                 setattr(instance, name, value)
             placed.append((instance, message))
         if not placed:
             return []
         _update_rows([instance for instance, _ in placed],
-                     ["state", "state_message", "updated_at", "error_kind", *PLACEMENT_FIELDS])
+                     ["state", "state_message", "updated_at", "error_kind", "measured", *PLACEMENT_FIELDS])
         _insert_events([(instance.pk, S.ANALYZING) for instance, _ in placed], S.SCHEDULED, "placed",
                        [message for _, message in placed], now)
         moved = [instance.pk for instance, _ in placed]
@@ -229,6 +237,8 @@ def do_restart_instance(instance: ModelInstance) -> bool:
                         message=f"restarting after: {instance.state_message}"[:2000],
                         restart_count=F("restart_count") + 1, last_restart_at=timezone.now(), next_restart_at=None)
     if moved:
+        name = Model.objects.filter(pk=instance.model_id).values_list("name", flat=True).first() or ""
+        transaction.on_commit(lambda: metrics.note_restart(name))
         instance.refresh_from_db()
     return bool(moved)
 
@@ -261,6 +271,58 @@ def do_record_preparation(instance: ModelInstance, message: str) -> None:
 def do_note_alive(instance_ids: Iterable[int]) -> None:
     if instance_ids:
         ModelInstance.objects.filter(pk__in=list(instance_ids), state__in=PREPARING).update(updated_at=timezone.now())
+
+
+OVER_CLAIM_RATIO = 1.15  # a backend using more than its claim by this much is flagged
+OVER_CLAIM_FLOOR = 32 * 1024**2  # and by at least this many bytes (a few MB over a tiny claim is no news)
+
+
+def over_claim(claim: dict, measured: dict) -> str:
+    """What a backend uses beyond its claim (RAM, each GPU), by more than 15 %: "" when within it or the claim is
+    unknown."""
+    if not claim or claim.get("unknown"):
+        return ""
+    gib = 1024**3
+    found = []
+    pairs = [("RAM", int(claim.get("ram") or 0), int(measured.get("ram") or 0))] + [
+        (f"GPU {index}", int((claim.get("vram") or {}).get(index) or 0), int(used or 0))
+        for index, used in sorted((measured.get("vram") or {}).items())]
+    for name, claimed, used in pairs:
+        if not claimed:  # nothing claimed there (a GPU-only backend's RAM, a GPU it was not placed on): no yardstick
+            continue
+        if used > claimed * OVER_CLAIM_RATIO and used - claimed > OVER_CLAIM_FLOOR:
+            more = f"+{(used / claimed - 1) * 100:.0f} %"
+            found.append(f"{name}: uses {used / gib:.2f} GiB, claimed {claimed / gib:.2f} GiB ({more})")
+    return "; ".join(found)
+
+
+def do_note_measured(worker_id: int, measured: dict[str, dict]) -> list[int]:
+    """A worker's sample of what its backends really use (`measured` by instance id): kept on each instance that is
+    still starting or running there, with `over_claim` saying where it uses more than it claimed. Crossing into
+    over-claim records an event (once, until it is back within its claim). Returns the ids flagged just now."""
+    by_id = {int(key): sample for key, sample in measured.items() if str(key).isascii() and str(key).isdigit()}
+    if not by_id:
+        return []
+    now = timezone.now()
+    flagged, events = [], []
+    with transaction.atomic():
+        rows = ModelInstance.objects.select_for_update().filter(
+            pk__in=list(by_id), worker_id=worker_id, state__in=[S.STARTING, S.RUNNING]).values_list(
+            "pk", "state", "computed_resource_claim", "measured")
+        for pk, state, claim, before in rows:
+            sample = by_id[pk]
+            kept = {"ram": int(sample.get("ram") or 0),
+                    "vram": {str(i): int(v) for i, v in (sample.get("vram") or {}).items()}, "at": now.isoformat()}
+            kept["over_claim"] = over_claim(claim or {}, kept)
+            ModelInstance.objects.filter(pk=pk).update(measured=kept)
+            if kept["over_claim"] and not (before or {}).get("over_claim"):
+                flagged.append(pk)
+                events.append(((pk, state), f"uses more than it claimed: {kept['over_claim']}"))
+        for move, message in events:
+            _insert_events([move], move[1], "over_claim", message, now)
+    for pk, (_, message) in zip(flagged, events, strict=True):
+        logger.warning("instance %s %s", pk, message)
+    return flagged
 
 
 def do_record_downloaded(instance: ModelInstance, path: str) -> bool:
@@ -365,8 +427,16 @@ def do_sweep_stuck(stuck_after: float | None = None) -> dict[str, int]:
 
 
 def do_prune_events(keep_days: float | None = None) -> int:
+    """Instance histories older than AIMIND_EVENT_RETENTION_DAYS, and the dashboard's per-minute samples older than
+    AIMIND_SAMPLE_RETENTION_HOURS, are deleted. Returns the events deleted."""
+    from gateway_app.models import UsageMinute
+    from workers_app.models import WorkerSample
+
     cutoff = timezone.now() - timedelta(days=settings.EVENT_RETENTION_DAYS if keep_days is None else keep_days)
     deleted, _ = InstanceEvent.objects.filter(time__lt=cutoff).delete()
+    samples_cutoff = timezone.now() - timedelta(hours=settings.SAMPLE_RETENTION_HOURS)
+    UsageMinute.objects.filter(minute__lt=samples_cutoff).delete()
+    WorkerSample.objects.filter(minute__lt=samples_cutoff).delete()
     return deleted
 
 

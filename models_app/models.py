@@ -97,6 +97,12 @@ class ModelInstance(models.Model):
     next_restart_at = models.DateTimeField(null=True, blank=True)
     computed_resource_claim = models.JSONField(default=dict, blank=True)
     distributed_servers = models.JSONField(default=list, blank=True)
+    measured = models.JSONField(
+        default=dict, blank=True, help_text="What the backend really uses, sampled by its worker: ram, vram per GPU "
+                                            "index, at, and over_claim when it uses more than it claimed.")
+    placement_explanation = models.JSONField(
+        default=dict, blank=True, help_text="Why the scheduler placed it there, or why nowhere: the chosen worker and "
+                                            "GPUs with their score, and why other workers lost.")
     resolved_path = models.CharField(max_length=1024, blank=True, default="")
     backend_api_key = models.CharField(max_length=64, blank=True, default="", editable=False,
                                        help_text="The secret its backend requires; only the gateway sends it.")

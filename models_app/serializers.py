@@ -164,8 +164,8 @@ class ModelInstanceSerializer(serializers.ModelSerializer):
             "id", "name", "model", "model_name", "worker", "worker_name", "gpu_indexes", "port", "pid", "state",
             "state_message", "error_kind", "backend", "backend_version", "download_progress", "restart_count",
             "last_restart_at", "next_restart_at",
-            "computed_resource_claim", "distributed_servers", "config_version", "outdated", "running_since",
-            "created_at", "updated_at",
+            "computed_resource_claim", "measured", "distributed_servers", "placement_explanation", "config_version",
+            "outdated", "running_since", "created_at", "updated_at",
         ]
         read_only_fields = fields
 

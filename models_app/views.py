@@ -13,6 +13,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
 from django.utils.http import content_disposition_header
 from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy as _lazy
 from django.views import View
 from django.views.generic import TemplateView
 
@@ -189,6 +190,45 @@ class InstanceLogsView(AdminRequiredMixin, TemplateView):
     def get_context_data(self, pk: int, **kwargs):
         instance = get_object_or_404(ModelInstance.objects.select_related("model", "worker"), pk=pk)
         return {**super().get_context_data(**kwargs), "instance": instance}
+
+
+# The words of an instance's timeline: what each recorded cause means to a person (models_app.lifecycle's causes).
+CAUSE_LABELS = {
+    "analyzing": _lazy("Reading the model's metadata"), "placed": _lazy("Placed"), "no_fit": _lazy("Waiting for room"),
+    "hub_unreachable": _lazy("Hub unreachable"), "scheduler_error": _lazy("Scheduling failed"),
+    "interrupted": _lazy("Scheduling interrupted"), "download": _lazy("Downloading"),
+    "install": _lazy("Installing the backend"), "start": _lazy("Starting"), "healthy": _lazy("Running"),
+    "failed": _lazy("Failed"), "refused": _lazy("Refused for good"), "restart": _lazy("Restarting"),
+    "moved": _lazy("Placed again"), "stuck": _lazy("Stuck, placed again"), "worker_lost": _lazy("Worker lost"),
+    "worker_back": _lazy("Worker back"), "worker_returned": _lazy("Worker back"),
+    "worker_restarted": _lazy("Worker restarted"), "worker_stopped": _lazy("Worker stopped"),
+    "worker_removed": _lazy("Worker removed"), "part_failed": _lazy("A part failed"),
+    "part_lost": _lazy("A part's worker was lost"), "over_claim": _lazy("Uses more than it claimed"),
+}
+TIMELINE_EVENTS = 200  # the last ones shown
+
+
+class InstanceDetailView(AdminRequiredMixin, TemplateView):
+    """One instance: where it runs and why there, what it claims, and its history as a timeline."""
+
+    template_name = "models/instance.html"
+    extra_context = {"nav": "models"}
+    permissions = ("models_app.view_modelinstance",)
+
+    def get_context_data(self, pk: int, **kwargs):
+        instance = get_object_or_404(ModelInstance.objects.select_related("model", "worker"), pk=pk)
+        events = list(instance.events.order_by("-id")[:TIMELINE_EVENTS])[::-1]
+        for event in events:
+            event.label = CAUSE_LABELS.get(event.cause, event.cause)
+        claim = instance.computed_resource_claim or {}
+        measured = instance.measured or {}
+        indexes = sorted({*(claim.get("vram") or {}), *(measured.get("vram") or {})},
+                         key=lambda i: (not str(i).isdigit(), int(i) if str(i).isdigit() else 0, str(i)))
+        memory = [(_("RAM"), claim.get("ram"), measured.get("ram"))] + [
+            (f"GPU {i}", (claim.get("vram") or {}).get(i), (measured.get("vram") or {}).get(i)) for i in indexes]
+        return {**super().get_context_data(**kwargs), "instance": instance, "events": events, "memory": memory,
+                "claim_unknown": bool(claim.get("unknown")), "measured": measured,
+                "why": instance.placement_explanation or {}}
 
 
 class InstanceLogDownloadView(AdminRequiredMixin, View):

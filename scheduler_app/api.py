@@ -47,11 +47,13 @@ def evaluate_spec(spec: dict, workers: list[Worker] | None = None, pool: list[Wo
         return {"compatible": False, "message": str(exc), "placement": None}
     result = find_placement(model, est, workers, pool)
     if result.candidate is None:
-        return {"compatible": False, "message": result.message, "placement": None}
+        return {"compatible": False, "message": result.message, "placement": None,
+                "placement_explanation": result.explanation()}
     chosen = result.candidate
     return {"compatible": True, "message": result.message, "placement": {
         "worker_name": chosen.worker_name, "gpu_indexes": chosen.gpu_indexes,
-        "computed_resource_claim": chosen.claim, "distributed_servers": distributed_servers_for(chosen)}}
+        "computed_resource_claim": chosen.claim, "distributed_servers": distributed_servers_for(chosen)},
+        "placement_explanation": result.explanation()}
 
 
 class EvaluationView(APIView):

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from django.db import transaction
 
+from aimind import metrics
 from models_app.choices import InstanceState
 from models_app.lifecycle import (
     do_begin_analysis,
@@ -106,6 +108,7 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
     """Place these instances if they are pending. Returns each one's state afterwards. Whatever happens, none is
     left `analyzing`: an instance the pass could not finish goes back to pending (a killed scheduler's are
     returned by the stuck sweep)."""
+    began = time.perf_counter()
     with collector_paused():
         instances = _claim_for_analysis(instance_ids)
         outcome: dict[int, str] = {}
@@ -115,6 +118,9 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
             for instance in instances:
                 if instance.pk not in outcome:
                     do_wait_for_room(instance, "scheduling was interrupted; asking again shortly", cause="interrupted")
+    if instances:
+        metrics.note_scheduler_pass(time.perf_counter() - began,
+                                    sum(state == InstanceState.SCHEDULED for state in outcome.values()))
     return outcome
 
 
@@ -127,6 +133,7 @@ class _Decision:
     queues: list[str] = field(default_factory=list)
     cause: str = "no_fit"
     refused: bool = False
+    explanation: dict | None = None
 
 
 def _decide(instance: ModelInstance, est, session: PlacementSession) -> _Decision:
@@ -137,12 +144,14 @@ def _decide(instance: ModelInstance, est, session: PlacementSession) -> _Decisio
     result = session.place(instance.model, est)
     chosen = result.candidate
     if chosen is None:
-        return _Decision(result.message)
+        return _Decision(result.message, explanation=result.explanation())
     version = instance.model.backend_version or get_backend(est.backend).default_version
+    explanation = result.explanation()  # scores as they were when chosen
     session.book(chosen)
     return _Decision(result.message, fields={
         "worker": chosen.resources.worker, "gpu_indexes": chosen.gpu_indexes, "computed_resource_claim": chosen.claim,
-        "distributed_servers": distributed_servers_for(chosen), "backend": est.backend, "backend_version": version},
+        "distributed_servers": distributed_servers_for(chosen), "backend": est.backend, "backend_version": version,
+        "placement_explanation": explanation},
         # its parts' workers start their RPC servers first
         queues=list(dict.fromkeys([chosen.resources.worker.queue,
                                    *(s.resources.worker.queue for s in chosen.subordinates)])))
@@ -153,6 +162,7 @@ def _place_all(instances: list[ModelInstance], estimates: dict, outcome: dict[in
     in one go: the placements in one bulk update, the instances that wait in one transition per reason."""
     placements: list[tuple[ModelInstance, str, dict]] = []
     waiting: dict[tuple[str, str], list[int]] = {}
+    explanations: dict[tuple[str, str], dict | None] = {}
     queues: dict[int, list[str]] = {}
     with transaction.atomic():
         # Lock the workers (in id order) so concurrent schedulers never book the same free memory twice.
@@ -173,9 +183,10 @@ def _place_all(instances: list[ModelInstance], estimates: dict, outcome: dict[in
                     outcome[instance.pk] = InstanceState.ERROR
             else:
                 waiting.setdefault((decision.message, decision.cause), []).append(instance.pk)
+                explanations.setdefault((decision.message, decision.cause), decision.explanation)
         placed = do_place_many(placements)
         for (message, cause), ids in waiting.items():
-            for pk in do_wait_for_room_many(ids, message, cause):
+            for pk in do_wait_for_room_many(ids, message, cause, explanations[(message, cause)]):
                 outcome[pk] = InstanceState.PENDING
         by_queue: dict[str, list[int]] = {}
         for pk in placed:

@@ -19,8 +19,11 @@ from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.filters import filter_workers
 from scheduler_app.resources import WorkerResources
-from scheduler_app.scorers import best_candidate, score
+from scheduler_app.scorers import display_score, score, why_not
 from scheduler_app.selectors import Candidate, Reasons, Selector, is_per_worker, pipeline, select_candidates
+from scheduler_app.selectors.common import ACROSS_WORKERS
+
+EXPLAINED_OTHERS = 10  # workers named in an explanation; the others are counted
 
 
 @dataclass
@@ -28,6 +31,35 @@ class PlacementResult:
     candidate: Candidate | None
     reasons: Reasons
     note: str = ""
+    runners_up: list[Candidate] = field(default_factory=list)  # the best placements on other workers, best first
+    strategy: str = ""
+    workers: int = 0  # in the pool
+
+    def explanation(self) -> dict:
+        """Why here (`placement_explanation`): the chosen worker and GPUs with their score, and for other workers why
+        they lost: a lower score (the runners-up), or why they could not take it at all (with numbers)."""
+        chosen, others, across = self.candidate, [], None
+        for other in self.runners_up:
+            others.append({"worker_name": other.worker_name, "reason": why_not(chosen, other, self.strategy)})
+        across_reasons = self.reasons.by_worker.get(ACROSS_WORKERS)  # a story about a group of workers, not one
+        if across_reasons:
+            across = "; ".join(across_reasons)
+        for name, reasons in self.reasons.by_worker.items():
+            if len(others) >= EXPLAINED_OTHERS:
+                break
+            if name != ACROSS_WORKERS and (chosen is None or name != chosen.worker_name):
+                others.append({"worker_name": name, "reason": "; ".join(reasons)})
+        explained = {
+            "strategy": self.strategy,
+            "chosen": None if chosen is None else {"worker_name": chosen.worker_name,
+                                                   "gpu_indexes": list(chosen.gpu_indexes),
+                                                   "score": display_score(chosen, self.strategy)},
+            "others": others,
+            "others_count": max(self.workers - (chosen is not None), len(others)),
+        }
+        if across:
+            explained["across_workers"] = across
+        return explained
 
     @property
     def message(self) -> str:
@@ -101,7 +133,29 @@ class PlacementSession:
         if candidate is None and is_per_worker(state.stage):
             self._recompute(state)  # this stage ran dry: a later selector may still yield
             candidate = self._pop(state)
-        return PlacementResult(candidate, state.reasons, est.note)
+        return PlacementResult(candidate, state.reasons, est.note, self._runners_up(state, candidate),
+                               model.placement_strategy, len(self.pool))
+
+    def _runners_up(self, state: _ModelState, chosen: Candidate | None) -> list[Candidate]:
+        """The next best candidates on other workers, one per worker: taken off the heap and put back (the stale
+        entries met on the way are dropped, as `_pop` would)."""
+        if chosen is None:
+            return []
+        seen, taken, found = {chosen.resources.worker.id}, [], []
+        popped = 0
+        while state.heap and len(found) < EXPLAINED_OTHERS // 2 and popped < 8 * EXPLAINED_OTHERS:
+            popped += 1
+            entry = heapq.heappop(state.heap)
+            _, _, worker_id, version, candidate = entry
+            if version != self.versions[worker_id]:
+                continue
+            taken.append(entry)
+            if worker_id not in seen:
+                seen.add(worker_id)
+                found.append(candidate)
+        for entry in taken:
+            heapq.heappush(state.heap, entry)
+        return found
 
     def best(self, model: Model, est: ModelEstimate) -> PlacementResult:
         """A dry run (evaluations): the candidate `place` would pop first, without the heap kept for the placements
@@ -109,7 +163,15 @@ class PlacementSession:
         reasons = Reasons()
         kept = filter_workers(model, self.pool, reasons, est.backend)
         _, found = select_candidates(model, est, kept, reasons) if kept else (None, [])
-        return PlacementResult(best_candidate(found, model.placement_strategy) if found else None, reasons, est.note)
+        strategy = model.placement_strategy
+        ranked = heapq.nsmallest(EXPLAINED_OTHERS * 8, found, key=lambda c: score(c, strategy))
+        chosen = ranked[0] if ranked else None
+        runners_up, seen = [], {chosen.resources.worker.id} if chosen else set()
+        for candidate in ranked[1:]:
+            if candidate.resources.worker.id not in seen and len(runners_up) < EXPLAINED_OTHERS // 2:
+                seen.add(candidate.resources.worker.id)
+                runners_up.append(candidate)
+        return PlacementResult(chosen, reasons, est.note, runners_up, strategy, len(self.pool))
 
     def book(self, candidate: Candidate) -> None:
         """Take the claims off the main worker and each subordinate's worker; every worker touched goes stale."""

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.django_db
 # page: the product's pages (sign-in redirect); gateway: /v1 (any usable key); worker: the cluster token and that
 # worker's own credential (its node agent's routes);
 # public: needs nothing (sign in, the language switch); admin: Django's admin site; schema: the OpenAPI schema and
-# its docs, for any admin (staff), permissions or not.
+# its docs, for any admin (staff), permissions or not; metrics: the AIMIND_METRICS_TOKEN only (Prometheus).
 RULES = {
     r"^login/$": "public", r"^logout/$": "public", r"^i18n/": "public", r"^admin/": "admin",
     r"^api/v1/gpus$": "api", r"^api/v1/evaluations$": "api-post", r"^api/v1/sources/<str:hub>/models$": "api",
@@ -33,7 +33,8 @@ RULES = {
     r"^$": "page", r"^models/deploy/$": "page", r"^models/evaluate/$": "page-post",
     r"^models/<int:pk>/edit/$": "page", r"^models/(?P<pk>": "page-post", r"^instances/<int:pk>/delete/$": "page-post",
     r"^instances/<int:pk>/logs/$": "page", r"^instances/<int:pk>/logs/download$": "page",
-    r"^resources/$": "page", r"^resources/workers/<int:pk>/edit/$": "page",
+    r"^resources/$": "page", r"^resources/workers/<int:pk>/edit/$": "page", r"^instances/<int:pk>/$": "page",
+    r"^dashboard/$": "page", r"^metrics$": "metrics",
     r"^api/v1/workers/<int:pk>/assignments$": "worker", r"^api/v1/workers/<int:pk>/reports$": "worker-post",
 }
 ROUTER_KINDS = {"models": "api", "instances": "api", "workers": "api", "keys": "api"}
@@ -113,7 +114,8 @@ REFUSED = {401, 403}
 
 @pytest.mark.parametrize("caller", ["anonymous", "wrong key", "expired key", "non-staff key", "no-permission key",
                                     "cluster token", "inference key", "non-staff session", "no-permission session"])
-def test_no_management_door_opens_without_an_admins_permission(callers, caller):
+def test_no_management_door_opens_without_an_admins_permission(callers, caller, settings):
+    settings.METRICS_TOKEN = "metrics-secret"
     worker = make_worker("w")
     actions.do_create_model(name="m", source="local_path", local_path="/m.gguf")
     ids = {"pk": ModelInstance.objects.first().pk if ModelInstance.objects.exists() else worker.pk}
@@ -144,7 +146,8 @@ def test_an_admin_passes_every_door(callers):
     for caller in ("admin key", "admin session"):
         for route in routes():
             kind = kind_of(route)
-            if kind.endswith("-post") or kind in ("public", "gateway", "admin", "worker") or "(?P<format>" in route:
+            if kind.endswith("-post") or kind in ("public", "gateway", "admin", "worker", "metrics") \
+                    or "(?P<format>" in route:
                 continue
             if kind == "page" and caller.endswith("key"):
                 continue  # the pages are for a browser's session; a key signs nobody in
@@ -158,6 +161,13 @@ def test_a_viewer_reads_but_changes_nothing(callers):
     assert viewer.post("/api/v1/models", {"name": "x", "source": "local_path", "local_path": "/x.gguf"},
                        content_type="application/json").status_code == 403
     assert viewer.post("/api/v1/keys", {"name": "mine"}, content_type="application/json").status_code == 403
+
+
+def test_metrics_take_their_token_and_nothing_else(callers, settings):
+    settings.METRICS_TOKEN = "metrics-secret"
+    for caller in ("admin key", "admin session", "cluster token", "inference key"):
+        assert callers[caller].get("/metrics").status_code == 401, caller
+    assert Client(HTTP_AUTHORIZATION="Bearer metrics-secret").get("/metrics").status_code == 200
 
 
 def test_gateway_takes_any_usable_key_and_nothing_else(callers):

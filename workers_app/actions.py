@@ -6,13 +6,13 @@ import hashlib
 import hmac
 import secrets
 
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from models_app.lifecycle import do_unplace, schedule_pending_after_commit
 from models_app.models import ModelInstance
 from workers_app.choices import WORKER_TRANSITIONS, WorkerState
-from workers_app.models import Worker
+from workers_app.models import Worker, WorkerSample
 
 
 def merged_labels(current: dict, reported_before: dict, reported: dict) -> dict:
@@ -89,8 +89,32 @@ def do_heartbeat(worker: Worker, status: dict | None) -> Worker:
         Worker.objects.filter(pk=worker.pk).update(**fields)
     else:
         schedule_pending_after_commit()
+    if status is not None:
+        _sample(worker.pk, now, status)
     worker.refresh_from_db()
     return worker
+
+
+_sampled: dict[int, object] = {}  # worker id → the minute this process last sampled it
+
+
+def _sample(worker_id: int, now, status: dict) -> None:
+    """The first heartbeat of each minute leaves a sample of the worker's load (the dashboard's charts)."""
+    minute = now.replace(second=0, microsecond=0)
+    if _sampled.get(worker_id) == minute:
+        return
+    memory = status.get("memory") or {}
+    gpus = [{"index": g.get("index"), "used": int((g.get("memory") or {}).get("used") or 0),
+             "total": int((g.get("memory") or {}).get("total") or 0),
+             "utilization": float((g.get("core") or {}).get("utilization") or 0)} for g in status.get("gpus") or []]
+    try:
+        with transaction.atomic():
+            WorkerSample.objects.get_or_create(worker_id=worker_id, minute=minute, defaults={
+                "cpu_percent": float((status.get("cpu") or {}).get("utilization") or 0),
+                "ram_used": int(memory.get("used") or 0), "ram_total": int(memory.get("total") or 0), "gpus": gpus})
+    except IntegrityError:  # another server process sampled it this minute
+        pass
+    _sampled[worker_id] = minute
 
 
 @transaction.atomic

@@ -23,7 +23,7 @@ from django.conf import settings
 from models_app.choices import InstanceState, SourceChoices
 from models_app.sources import SourceError
 from models_app.sources.base import DownloadCancelled, cancellable
-from workers_app import downloads, inventory, logs, processes
+from workers_app import downloads, inventory, logs, measure, processes
 from workers_app.backends import get_backend
 from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec, distributed_master_port
 from workers_app.parts import PartRunner
@@ -173,7 +173,14 @@ class NodeAgent:
                 self.launch(assignment.pk)
 
     def heartbeat(self) -> None:
-        if not self.link.heartbeat(inventory.system_status()):  # deleted by an operator, or not ours: join again
+        with self.lock:
+            running = {pk: proc.pid for pk, proc in self.processes.items()}
+        try:
+            measured = measure.measure(running)
+        except Exception:  # a measurement must never cost the heartbeat
+            logger.exception("could not measure the backends' memory")
+            measured = {}
+        if not self.link.heartbeat(inventory.system_status(), measured):  # deleted, or not ours: join again
             self.link.register(self.registration())
 
     def _heartbeat_loop(self) -> None:

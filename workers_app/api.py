@@ -8,6 +8,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from gateway_app.authentication import bearer_token
+from models_app.lifecycle import do_note_measured
 from models_app.pagination import HeaderPagination
 from workers_app import actions
 from workers_app.cluster import CREDENTIAL_HEADER, broker_url_for, is_cluster_token
@@ -86,6 +87,8 @@ class WorkerViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Upd
         body = HeartbeatSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         worker = actions.do_heartbeat(worker, body.validated_data.get("status"))
+        if body.validated_data["measured"]:
+            do_note_measured(worker.pk, body.validated_data["measured"])
         return Response(WorkerSerializer(worker).data)
 
 

@@ -62,3 +62,22 @@ class Worker(models.Model):
     @property
     def state_colour(self) -> str:
         return WorkerState.colour(self.state)
+
+
+class WorkerSample(models.Model):
+    """A worker's load in one minute, from its heartbeats (the first of the minute): CPU, RAM and each GPU's memory
+    and core use. For the dashboard; kept AIMIND_SAMPLE_RETENTION_HOURS."""
+
+    worker = models.ForeignKey(Worker, on_delete=models.CASCADE, related_name="samples")
+    minute = models.DateTimeField(db_index=True)
+    cpu_percent = models.FloatField(default=0)
+    ram_used = models.PositiveBigIntegerField(default=0)
+    ram_total = models.PositiveBigIntegerField(default=0)
+    gpus = models.JSONField(default=list, blank=True, help_text='[{"index", "used", "total", "utilization"}]')
+
+    class Meta:
+        ordering = ["minute"]
+        constraints = [models.UniqueConstraint(fields=["worker", "minute"], name="one_sample_per_worker_minute")]
+
+    def __str__(self) -> str:
+        return f"{self.worker_id} {self.minute:%Y-%m-%d %H:%M}"

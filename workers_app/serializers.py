@@ -101,5 +101,33 @@ class WorkerLabelsSerializer(serializers.ModelSerializer):
         fields = ["labels", "system_reserved"]
 
 
+MAX_MEASURED = 1024  # backends one heartbeat may report
+MAX_GPUS = 64
+
+
+def _ids(value: dict, what: str, limit: int) -> dict:
+    if len(value) > limit:
+        raise serializers.ValidationError(f"at most {limit} {what}, got {len(value)}")
+    for key in value:
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12 and
+                str(int(key)) == key):
+            raise serializers.ValidationError(f"{what} are keyed by their number, got {key!r}")
+    return value
+
+
+class MeasuredSerializer(serializers.Serializer):
+    ram = serializers.IntegerField(min_value=0, max_value=2**62)
+    vram = serializers.DictField(child=serializers.IntegerField(min_value=0, max_value=2**62), required=False,
+                                 default=dict)
+
+    def validate_vram(self, value: dict) -> dict:
+        return _ids(value, "GPU indexes", MAX_GPUS)
+
+
 class HeartbeatSerializer(serializers.Serializer):
     status = WorkerStatusSerializer(required=False)
+    measured = serializers.DictField(child=MeasuredSerializer(), required=False, default=dict,
+                                     help_text="What each backend really uses, by instance id.")
+
+    def validate_measured(self, value: dict) -> dict:
+        return _ids(value, "instance ids", MAX_MEASURED)

@@ -112,9 +112,11 @@ class ServerLink:
         self.worker_id = answer["id"]
         return answer
 
-    def heartbeat(self, status: dict) -> bool:
-        """False when the server no longer knows this worker (deleted, or our credential is not its): join again."""
-        response = self._call("POST", f"/api/v1/workers/{self.worker_id}/heartbeat", json={"status": status})
+    def heartbeat(self, status: dict, measured: dict | None = None) -> bool:
+        """False when the server no longer knows this worker (deleted, or our credential is not its): join again.
+        `measured`: what each backend really uses (workers_app.measure), by instance id."""
+        body = {"status": status, **({"measured": measured} if measured else {})}
+        response = self._call("POST", f"/api/v1/workers/{self.worker_id}/heartbeat", json=body)
         if response.status_code in (403, 404):
             return False
         response.raise_for_status()

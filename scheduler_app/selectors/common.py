@@ -58,6 +58,9 @@ def distributed_servers_for(candidate: Candidate) -> list[dict]:
              "pid": None, "state": "pending", "attempt": first} for s in candidate.subordinates]
 
 
+ACROSS_WORKERS = "distributed inference"  # the Reasons key of the selectors that combine workers: a story of a group
+
+
 class Reasons:
     """Why workers were passed over, grouped per worker, in the order they were found."""
 

@@ -20,9 +20,9 @@ from scheduler_app.estimate import ModelEstimate
 from scheduler_app.estimators.gguf import RPC_SERVER_OVERHEAD, SplitClaim, SplitCosts, split_costs, split_layers
 from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
-from scheduler_app.selectors.common import Candidate, Reasons, Subordinate, allowed_gpus, make_claim
+from scheduler_app.selectors.common import ACROSS_WORKERS, Candidate, Reasons, Subordinate, allowed_gpus, make_claim
 
-REASON = "distributed inference"  # the Reasons key: the story is about a group of workers, not one
+REASON = ACROSS_WORKERS
 GROUPS_TRIED = 8  # group sizes tried once the lower bound allows; beyond, each added worker is smaller than the last
 MAINS_TRIED = 4  # CPU workers tried as the main of one group
 

@@ -17,9 +17,9 @@ from scheduler_app.estimate import ModelEstimate
 from scheduler_app.estimators import hf
 from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
-from scheduler_app.selectors.common import Candidate, Reasons, Subordinate, make_claim
+from scheduler_app.selectors.common import ACROSS_WORKERS, Candidate, Reasons, Subordinate, make_claim
 
-REASON = "distributed inference"
+REASON = ACROSS_WORKERS
 MAX_NODES = 16  # pipeline stages; beyond, a model is better served by bigger nodes
 
 

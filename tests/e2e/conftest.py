@@ -52,6 +52,9 @@ def deploy(system, tiny_models):
             c.delete(f"/api/v1/models/{model_id}")
 
 
+METRICS_TOKEN = "e2e-metrics-token"
+
+
 @pytest.fixture(scope="session")
 def system(tmp_path_factory, hubs):
     """One running aiMindServe shared by the end-to-end tests (starting one costs seconds)."""
@@ -59,6 +62,13 @@ def system(tmp_path_factory, hubs):
     running = start_system(tmp, extra_env={
         "AIMIND_CACHE_DIR": str(fresh_cache(tmp)), "HF_ENDPOINT": hubs["huggingface"].url,
         "MODELSCOPE_ENDPOINT": hubs["modelscope"].url, "HF_HOME": str(tmp / "hf-home"),
-        "MODELSCOPE_CACHE": str(tmp / "modelscope-cache"), "HF_TOKEN": ""})
+        "MODELSCOPE_CACHE": str(tmp / "modelscope-cache"), "HF_TOKEN": "", "AIMIND_METRICS_TOKEN": METRICS_TOKEN})
     yield running
     running.stop()
+
+
+@pytest.fixture
+def inference_key(system):
+    with system.client() as c:
+        issued = c.post("/api/v1/keys", json={"name": "e2e inference", "scope": "inference"}).json()
+    return issued

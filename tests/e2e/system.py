@@ -208,6 +208,7 @@ def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str
         # Time-dependent behaviour, shortened: restarts back off 2 s, 4 s, 8 s; silent workers are lost after 6 s.
         "AIMIND_RESTART_BACKOFF_BASE": "2", "AIMIND_RESTART_BACKOFF_MAX": "8", "AIMIND_WORKER_STALE_AFTER": "6",
         "AIMIND_BACKEND_PORT_MIN": str(20000 + port % 20000), "AIMIND_BACKEND_PORT_MAX": str(20200 + port % 20000),
+        "AIMIND_LOG_LEVEL": "INFO",  # everything in up.log too, for a failing test's log_tail
         **(extra_env or {}),
     })
     log_path = tmp / "up.log"

@@ -6,18 +6,10 @@ import re
 import signal
 
 import httpx
-import pytest
 
 from tests.e2e.system import wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
-
-
-@pytest.fixture
-def inference_key(system):
-    with system.client() as c:
-        issued = c.post("/api/v1/keys", json={"name": "balancing", "scope": "inference"}).json()
-    return issued
 
 
 def test_a_key_revoked_by_another_process_stops_within_a_second(system, inference_key):

@@ -287,3 +287,33 @@ def test_pages_need_an_admin_and_forms_need_their_csrf_token(system):
     forged = httpx.post(system.base_url + "/login/", data={"username": "admin", "password": "e2e-password"})
     assert forged.status_code == 403  # no CSRF token: refused before the password is even looked at
     assert Path(SHOTS).exists()
+
+
+def test_the_dashboard_charts_usage_and_load_and_an_instance_page_says_why(page, system, deploy, inference_key):
+    model = deploy("charted")
+    [running] = system.wait_for_instances(model["id"], "running")
+    gateway = httpx.Client(base_url=system.base_url, timeout=30,
+                           headers={"Authorization": f"Bearer {inference_key['key']}"})
+    for _ in range(3):
+        assert gateway.post("/v1/chat/completions", json={"model": "charted", "max_tokens": 4, "messages": [
+            {"role": "user", "content": "hi"}]}).status_code == 200
+
+    def charted():
+        page.goto(system.base_url + "/dashboard/")
+        return page.locator('tr[data-model="charted"]').count() == 1
+
+    wait_until(charted, 60, "the gateway's counts on the dashboard", interval=1)
+    row = page.locator('tr[data-model="charted"] td')
+    expect(row.nth(1)).to_have_text("3")
+    expect(page.locator("figure.chart[data-series=requests] canvas")).to_have_count(1)
+    expect(page.locator("figure.chart[data-series=cpu] canvas")).to_have_count(1)  # the worker's heartbeats
+    expect(page.locator("figure.chart[data-series=requests] .u-legend")).to_contain_text("charted")
+    shot(page, "dashboard")
+    page.goto(system.base_url + "/")
+    model_row(page, "charted").locator("button.toggle").click()
+    page.get_by_role("link", name=running["name"]).click()
+    expect(page.get_by_role("heading", name="Why here")).to_be_visible()
+    expect(page.locator("section.why")).to_contain_text(f"Placed on {running['worker_name']} with score")
+    expect(page.locator("ol.timeline li[data-cause=healthy]")).to_have_count(1)
+    expect(page.locator("table.memory")).to_contain_text("Measured")
+    shot(page, "instance")

