@@ -24,6 +24,7 @@ from scheduler_app.selectors import Candidate, Reasons, Selector, is_per_worker,
 from scheduler_app.selectors.common import ACROSS_WORKERS
 
 EXPLAINED_OTHERS = 10  # workers named in an explanation; the others are counted
+RUNNERS_UP = 3  # of them, the best placements on other workers (each costs heap work in a pass)
 
 
 @dataclass
@@ -137,24 +138,24 @@ class PlacementSession:
                                model.placement_strategy, len(self.pool))
 
     def _runners_up(self, state: _ModelState, chosen: Candidate | None) -> list[Candidate]:
-        """The next best candidates on other workers, one per worker: taken off the heap and put back (the stale
-        entries met on the way are dropped, as `_pop` would)."""
-        if chosen is None:
+        """The next best candidates on other workers, one per worker, read off the heap in order without changing
+        it: a small heap of positions walks the big one from its root (a parent is never worse than its children),
+        skipping stale entries; at most 8 × EXPLAINED_OTHERS entries are looked at."""
+        heap = state.heap
+        if chosen is None or not heap:
             return []
-        seen, taken, found = {chosen.resources.worker.id}, [], []
-        popped = 0
-        while state.heap and len(found) < EXPLAINED_OTHERS // 2 and popped < 8 * EXPLAINED_OTHERS:
-            popped += 1
-            entry = heapq.heappop(state.heap)
-            _, _, worker_id, version, candidate = entry
-            if version != self.versions[worker_id]:
-                continue
-            taken.append(entry)
-            if worker_id not in seen:
+        seen, found = {chosen.resources.worker.id}, []
+        frontier = [(heap[0], 0)]
+        looked = 0
+        while frontier and len(found) < RUNNERS_UP and looked < 8 * EXPLAINED_OTHERS:
+            (_, _, worker_id, version, candidate), at = heapq.heappop(frontier)
+            looked += 1
+            if version == self.versions[worker_id] and worker_id not in seen:
                 seen.add(worker_id)
                 found.append(candidate)
-        for entry in taken:
-            heapq.heappush(state.heap, entry)
+            for child in (2 * at + 1, 2 * at + 2):
+                if child < len(heap):
+                    heapq.heappush(frontier, (heap[child], child))
         return found
 
     def best(self, model: Model, est: ModelEstimate) -> PlacementResult:
@@ -168,7 +169,7 @@ class PlacementSession:
         chosen = ranked[0] if ranked else None
         runners_up, seen = [], {chosen.resources.worker.id} if chosen else set()
         for candidate in ranked[1:]:
-            if candidate.resources.worker.id not in seen and len(runners_up) < EXPLAINED_OTHERS // 2:
+            if candidate.resources.worker.id not in seen and len(runners_up) < RUNNERS_UP:
                 seen.add(candidate.resources.worker.id)
                 runners_up.append(candidate)
         return PlacementResult(chosen, reasons, est.note, runners_up, strategy, len(self.pool))

@@ -17,17 +17,19 @@ def instance(system, pk: int) -> dict:
         return c.get(f"/api/v1/instances/{pk}").json()
 
 
-def tree_rss(pid: int) -> int:
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) of the process tree, read here."""
     root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in (root, *root.children(recursive=True)))
+    tree = (root, *root.children(recursive=True))
+    return sum(p.memory_full_info().pss for p in tree), sum(p.memory_info().rss for p in tree)
 
 
 def test_measured_memory_sits_beside_the_claim_and_using_more_is_flagged(system, deploy):
     model = deploy("measured")
     [running] = system.wait_for_instances(model["id"], "running")
     measured = wait_until(lambda: instance(system, running["id"])["measured"] or None, 30, "a measurement")
-    real = tree_rss(running["pid"])
-    assert 0.7 * real <= measured["ram"] <= 1.3 * real, (measured, real)
+    pss, rss = tree_memory(running["pid"])
+    assert 0.7 * pss <= measured["ram"] <= 1.1 * rss, (measured, pss, rss)  # what the process really holds
     assert measured["vram"] == {} and measured["over_claim"] == ""  # no GPU here; the estimate held
     why = running["placement_explanation"]
     assert why["chosen"]["worker_name"] == running["worker_name"] and why["strategy"] == "spread"

@@ -185,6 +185,7 @@ def test_the_instance_page_shows_why_there_and_its_timeline(client, gguf):
     order = [timeline.index(f'data-cause="{cause}"') for cause in ("analyzing", "placed", "start", "healthy", "failed")]
     assert order == sorted(order)
     assert "backend killed by signal SIGKILL &lt;b&gt;" in timeline
+    assert "Restart booked for " in page and "(restarted 0 times so far)" in page
     assert f'href="/instances/{instance.pk}/"' in client.get("/").content.decode()  # reached from the Models page
     zh = client.get(f"/instances/{instance.pk}/", HTTP_ACCEPT_LANGUAGE="zh-CN").content.decode()
     for word in ("调度原因", "时间线", "已调度", "未选原因", "申领"):
