@@ -274,7 +274,7 @@ def do_note_alive(instance_ids: Iterable[int]) -> None:
 
 
 OVER_CLAIM_RATIO = 1.15  # a backend using more than its claim by this much is flagged
-OVER_CLAIM_FLOOR = 32 * 1024**2  # and by at least this many bytes (a few MB over a tiny claim is no news)
+OVER_CLAIM_FLOOR = 4 * 1024**2  # and by at least this many bytes (a few MB over a tiny claim is no news)
 
 
 def over_claim(claim: dict, measured: dict) -> str:
