@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from django.db import transaction
 from django.db.models import F
 
+from models_app import lifecycle
 from models_app.choices import ErrorKind, InstanceState
 from models_app.models import Model, ModelInstance
 
@@ -90,6 +91,8 @@ def do_update_model(model: Model, fields: dict) -> Model:
     # Only what changed: the scheduler may be writing the detected categories or backend at the same moment.
     model.save(update_fields=[*sorted(changed), "updated_at"])
     model.refresh_from_db(fields=["config_version"])
+    if "config_version" in changed:
+        lifecycle.do_note_outdated(model, sorted(changed - {"config_version"}))
     do_sync_replicas(model)
     return model
 

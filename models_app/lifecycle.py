@@ -325,6 +325,24 @@ def do_note_measured(worker_id: int, measured: dict[str, dict]) -> list[int]:
     return flagged
 
 
+def do_note_outdated(model: Model, fields: list[str]) -> None:
+    """The model's configuration changed: each instance created before it records, in its history, that it now runs
+    an older configuration (its state stays; deleting it gets one with the new configuration)."""
+    rows = list(ModelInstance.objects.filter(model=model, config_version__lt=model.config_version)
+                .values_list("pk", "state"))
+    message = f"the model's configuration changed ({', '.join(fields)}); delete the instance to get the new one"
+    now = timezone.now()
+    for state, moves in _by_state(rows).items():
+        _insert_events(moves, state, "outdated", message, now)
+
+
+def _by_state(rows: list[tuple[int, str]]) -> dict[str, list[tuple[int, str]]]:
+    grouped: dict[str, list[tuple[int, str]]] = {}
+    for pk, state in rows:
+        grouped.setdefault(state, []).append((pk, state))
+    return grouped
+
+
 def do_record_downloaded(instance: ModelInstance, path: str) -> bool:
     return bool(ModelInstance.objects.filter(pk=instance.pk, state=S.DOWNLOADING).update(
         download_progress=100, resolved_path=path, updated_at=timezone.now()))

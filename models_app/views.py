@@ -204,6 +204,7 @@ CAUSE_LABELS = {
     "worker_restarted": _lazy("Worker restarted"), "worker_stopped": _lazy("Worker stopped"),
     "worker_removed": _lazy("Worker removed"), "part_failed": _lazy("A part failed"),
     "part_lost": _lazy("A part's worker was lost"), "over_claim": _lazy("Uses more than it claimed"),
+    "outdated": _lazy("Configuration changed"),
 }
 TIMELINE_EVENTS = 200  # the last ones shown
 

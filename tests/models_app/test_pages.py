@@ -191,3 +191,15 @@ def test_the_instance_page_shows_why_there_and_its_timeline(client, gguf):
     for word in ("调度原因", "时间线", "已调度", "未选原因", "申领"):
         assert word in zh, word
     assert Client().get(f"/instances/{instance.pk}/")["Location"] == f"/login/?next=/instances/{instance.pk}/"
+
+
+def test_an_edit_that_outdates_an_instance_is_on_its_timeline(client, gguf):
+    model = actions.do_create_model(name="m", source="local_path", local_path=str(gguf))
+    [instance] = ModelInstance.objects.filter(model=model)
+    actions.do_update_model(Model.objects.get(pk=model.pk), {"description": "only words"})  # live: no outdating
+    actions.do_update_model(Model.objects.get(pk=model.pk), {"backend_parameters": ["--ctx-size", "1024"]})
+    [event] = instance.events.filter(cause="outdated")
+    assert (event.from_state, event.to_state) == ("pending", "pending")
+    assert event.message.startswith("the model's configuration changed (backend_parameters)")
+    page = client.get(f"/instances/{instance.pk}/").content.decode()
+    assert 'data-cause="outdated"' in page and "Configuration changed" in page
