@@ -115,16 +115,11 @@ class ClusterCollector:
 
         family = GaugeMetricFamily("aimind_instances", "Model instances by model and state.",
                                    labels=["model", "state"])
-        rows = list(ModelInstance.objects.values_list("model__name", "state").annotate(n=Count("id")).order_by())
-        seen = set()
-        for model, state, n in rows:
-            family.add_metric([model, state], n)
-            seen.add(model)
-        for model in sorted(seen):  # every state named, so a state that empties reads 0 rather than vanishing
-            present = {state for m, state, _ in rows if m == model}
-            for state in InstanceState.values:
-                if state not in present:
-                    family.add_metric([model, state], 0)
+        counts = {(model, state): n for model, state, n in ModelInstance.objects.values_list(
+            "model__name", "state").annotate(n=Count("id")).order_by()}
+        for model in sorted({model for model, _ in counts}):
+            for state in InstanceState.values:  # every state named: one that empties reads 0 rather than vanishing
+                family.add_metric([model, state], counts.get((model, state), 0))
         yield family
 
     @staticmethod

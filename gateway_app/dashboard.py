@@ -11,6 +11,7 @@ from django.utils import timezone
 from django.views.generic import TemplateView
 
 from aimind.metrics import LATENCY_BUCKETS
+from gateway_app.usage import padded
 from models_app.views import AdminRequiredMixin
 
 # window → (its span, minutes per chart point)
@@ -34,10 +35,6 @@ def percentile(buckets: list[int], q: float) -> float | None:
         seen += count
         lower = bound if bound is not None else lower
     return LATENCY_BUCKETS[-1]
-
-
-def _padded(values, size: int = BUCKETS) -> list[int]:
-    return [int(v) for v in (values or [])[:size]] + [0] * max(0, size - len(values or []))
 
 
 def dashboard_data(window: str) -> dict:
@@ -72,7 +69,7 @@ def dashboard_data(window: str) -> dict:
         total["prompt_tokens"] += prompt
         total["completion_tokens"] += completion
         total["seconds"] += seconds
-        total["buckets"] = [a + b for a, b in zip(total["buckets"], _padded(buckets), strict=True)]
+        total["buckets"] = [a + b for a, b in zip(total["buckets"], padded(buckets, BUCKETS), strict=True)]
         by_key = keys[(key_id, key_name or "—")]
         by_key["requests"] += n
         by_key["errors"] += errors

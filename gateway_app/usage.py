@@ -167,7 +167,7 @@ def _add_minute(minute: datetime, key_id: int | None, model_name: str, values: l
         with transaction.atomic():
             found = row.select_for_update().values_list("latency_buckets", flat=True).first()
             if found is not None:  # the histogram is a list: read, add, write, under the row's lock
-                merged = [a + b for a, b in zip(_padded(found, len(buckets)), buckets, strict=True)]
+                merged = [a + b for a, b in zip(padded(found, len(buckets)), buckets, strict=True)]
                 row.update(latency_buckets=merged, **increments)
                 return
         try:
@@ -181,5 +181,7 @@ def _add_minute(minute: datetime, key_id: int | None, model_name: str, values: l
             continue
 
 
-def _padded(values: list, size: int) -> list[int]:
+def padded(values: list | None, size: int) -> list[int]:
+    """A stored latency histogram as `size` integer counts (a shorter one, from fewer buckets, padded with zeros)."""
+    values = values or []
     return [int(v) for v in values[:size]] + [0] * max(0, size - len(values))
