@@ -107,12 +107,14 @@ class RunningSystem:
         return pids
 
     def wait_for_instances(self, model_id: int, state: str, count: int = 1, timeout: float = 90,
-                           tolerate_errors: bool = False) -> list[dict]:
+                           tolerate_errors: bool = False, message: str = "") -> list[dict]:
+        """Wait for `count` instances in `state` (whose state_message holds `message`, when given: a new
+        instance is pending before the scheduler has said why it waits)."""
         with self.client() as c:
             def ready():
                 instances = c.get(f"/api/v1/models/{model_id}/instances").json()
                 self.descendants()
-                matching = [i for i in instances if i["state"] == state]
+                matching = [i for i in instances if i["state"] == state and message in i["state_message"]]
                 failed = [i for i in instances if i["state"] == "error" and state != "error" and not tolerate_errors]
                 if failed:
                     raise AssertionError(f"instance {failed[0]['name']} failed: {failed[0]['state_message']}")

@@ -219,8 +219,8 @@ def test_a_refused_field_is_explained_next_to_it(page, system):
 
 def test_labelling_a_worker_places_the_model_that_waited_for_the_label(page, system, deploy):
     model = deploy("page-labels", worker_selector={"team": "blue"})
-    [waiting] = system.wait_for_instances(model["id"], "pending")
-    assert "labels do not match team=blue" in waiting["state_message"]
+    [waiting] = system.wait_for_instances(model["id"], "pending", message="labels do not match team=blue")
+    assert waiting["worker"] is None
     page.goto(system.base_url + "/resources/")
     row = page.locator("tr[data-worker=e2e-worker]")
     expect(row.locator(".bar")).to_have_count(2)  # CPU and RAM; no GPU here
