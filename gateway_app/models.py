@@ -35,6 +35,13 @@ class ApiKey(models.Model):
     key_prefix = models.CharField(max_length=16, editable=False, help_text="The first characters, to tell keys apart.")
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # Quotas and rate limits (blank: no limit). Enforced by the gateway, counted in Redis across web processes.
+    allowed_models = models.JSONField(
+        _("Allowed models"), default=list, blank=True,
+        help_text=_("Names of the models this key may call; empty: every model."))
+    requests_per_minute = models.PositiveIntegerField(_("Requests per minute"), null=True, blank=True)
+    tokens_per_minute = models.PositiveIntegerField(_("Tokens per minute"), null=True, blank=True)
+    tokens_per_day = models.PositiveIntegerField(_("Tokens per day"), null=True, blank=True)
 
     class Meta:
         ordering = ["name"]

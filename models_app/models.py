@@ -41,13 +41,25 @@ class Model(models.Model):
     distributed_inference_across_workers = models.BooleanField(_("Allow distributed inference across workers"),
                                                                default=True)
     restart_on_error = models.BooleanField(_("Auto-restart on error"), default=True)
+    requests_per_minute = models.PositiveIntegerField(
+        _("Requests per minute"), null=True, blank=True,
+        help_text=_("Across all API keys, counted by the gateway; blank: no limit."))
+    sleep_after_minutes = models.PositiveIntegerField(
+        _("Sleep after minutes idle"), null=True, blank=True,
+        help_text=_("Stop its replicas after this many minutes without requests; a request wakes it. "
+                    "Blank: never sleeps."))
+    asleep = models.BooleanField(default=False, editable=False,
+                                 help_text="Its replicas were stopped for idleness; the next request wakes it.")
+    last_request_at = models.DateTimeField(null=True, blank=True, editable=False,
+                                           help_text="When the gateway last passed a request for it.")
     config_version = models.PositiveIntegerField(default=1, editable=False,
                                                  help_text="Bumped when a change needs new instances to take effect.")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     # Changing these does not change what a running instance is: no new config version.
-    LIVE_FIELDS = frozenset({"replicas", "description", "restart_on_error"})
+    LIVE_FIELDS = frozenset({"replicas", "description", "restart_on_error", "requests_per_minute",
+                             "sleep_after_minutes"})
 
     class Meta:
         ordering = ["name"]
