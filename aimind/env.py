@@ -81,5 +81,7 @@ def database_from_url(url: str, *, sqlite_path: Path) -> dict:
             "HOST": parts.hostname or "",
             "PORT": str(parts.port or ""),
             "CONN_MAX_AGE": 0,
+            # A server that cannot reach the database fails fast (and serves from memory) instead of hanging.
+            "OPTIONS": {"connect_timeout": 5},
         }
     raise ImproperlyConfigured(f"DATABASE_URL scheme {parts.scheme!r} is not supported (use postgres:// or sqlite://)")

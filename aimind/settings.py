@@ -55,12 +55,26 @@ METRICS_TOKEN = os.environ.get("AIMIND_METRICS_TOKEN", "")
 # A replica whose connections fail this many times in a row is passed over for the cooldown, then tried again.
 GATEWAY_REPLICA_FAILURES = env_int("AIMIND_GATEWAY_REPLICA_FAILURES", 3, minimum=1, maximum=1000)
 GATEWAY_REPLICA_COOLDOWN = env_float("AIMIND_GATEWAY_REPLICA_COOLDOWN", 5.0, minimum=0.0)
+# Models that sleep when idle (`sleep_after_minutes`): how often the beat looks for idle ones; how long a request for a
+# sleeping model waits for a replica to run (then 503 `model_waking` with Retry-After).
+SLEEP_CHECK_INTERVAL = env_float("AIMIND_SLEEP_CHECK_INTERVAL", 15.0, minimum=0.1)
+GATEWAY_WAKE_TIMEOUT = env_float("AIMIND_GATEWAY_WAKE_TIMEOUT", 120.0, minimum=0.0)
+# When an instance cannot be placed for lack of memory, put idle models that sleep (no request for EVICT_IDLE_AFTER
+# seconds) to sleep, least recently used first, until it fits. Off unless asked for.
+EVICT_IDLE_MODELS = env_bool("AIMIND_EVICT_IDLE_MODELS", False)
+EVICT_IDLE_AFTER = env_float("AIMIND_EVICT_IDLE_AFTER", 60.0, minimum=0.0)
 # Model env may not set the dynamic loader's or Python's start-up variables (code would run inside the backend).
 ALLOW_LOADER_ENV = env_bool("AIMIND_ALLOW_LOADER_ENV", False)
 # An instance analysing, scheduled or preparing with no progress for this long is placed again (its scheduler was
 # killed, its launch lost, its worker died mid-install); workers note their downloads and installs alive.
 STUCK_AFTER = env_float("AIMIND_STUCK_AFTER", 300.0, minimum=5.0)
+# Several servers: the beat holding the leader lock sends the periodic tasks; another takes over this long after the
+# holder dies. The server's own health probe of a silent worker's backends waits at most this long per backend.
+BEAT_LOCK_TTL = env_float("AIMIND_BEAT_LOCK_TTL", 15.0, minimum=1.0)
+BACKEND_PROBE_TIMEOUT = env_float("AIMIND_BACKEND_PROBE_TIMEOUT", 2.0, minimum=0.1)
 EVENT_RETENTION_DAYS = env_float("AIMIND_EVENT_RETENTION_DAYS", 14.0, minimum=0.01)
+# Each start of an instance's backend keeps its own log: the last this many per instance (the current one included).
+INSTANCE_LOG_ATTEMPTS = env_int("AIMIND_INSTANCE_LOG_ATTEMPTS", 5, minimum=1, maximum=100)
 # Per-minute samples of the gateway's use and of workers' load (the dashboard): kept this long.
 SAMPLE_RETENTION_HOURS = env_float("AIMIND_SAMPLE_RETENTION_HOURS", 48.0, minimum=1.0)
 BACKEND_PORT_RANGE = (env_int("AIMIND_BACKEND_PORT_MIN", 40000, minimum=1024, maximum=65535),
@@ -191,7 +205,8 @@ CELERY_TASK_DEFAULT_QUEUE = "scheduler"
 CELERY_TASK_ROUTES = {"scheduler_app.tasks.*": {"queue": "scheduler"}}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's scheduler behind a leader lock in Redis: every server runs a beat, one at a time sends.
+CELERY_BEAT_SCHEDULER = "aimind.beat:LeaderScheduler"
 CELERY_BEAT_SCHEDULE = {
     "mark-stale-workers": {"task": "workers_app.tasks.mark_stale_workers",
                            "schedule": min(10.0, WORKER_STALE_AFTER / 3),
@@ -202,6 +217,8 @@ CELERY_BEAT_SCHEDULE = {
                               "schedule": min(30.0, STUCK_AFTER / 3), "options": {"queue": "scheduler", "expires": 30}},
     "prune-instance-events": {"task": "scheduler_app.tasks.prune_instance_events", "schedule": 3600.0,
                               "options": {"queue": "scheduler", "expires": 3600}},
+    "sleep-idle-models": {"task": "scheduler_app.tasks.sleep_idle_models", "schedule": SLEEP_CHECK_INTERVAL,
+                          "options": {"queue": "scheduler", "expires": SLEEP_CHECK_INTERVAL}},
 }
 
 CHANNEL_LAYERS = {

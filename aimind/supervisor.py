@@ -19,7 +19,8 @@ from workers_app import processes
 
 logger = logging.getLogger("aimind.up")
 PR_SET_PDEATHSIG = 1
-MAX_RESTARTS_PER_MINUTE = 5
+MAX_RESTARTS_PER_MINUTE = 5  # restarted at once up to this; then after a pause that doubles, up to:
+RESTART_PAUSE_MAX = 30.0
 
 
 def die_with_parent() -> None:
@@ -92,6 +93,7 @@ class Child:
     stop_timeout: float = 15.0
     popen: subprocess.Popen | None = None
     restarts: list[float] = field(default_factory=list)
+    restart_at: float = 0.0  # monotonic time of a booked restart (0: none booked)
     log: logging.Handler | None = None
 
 
@@ -135,22 +137,28 @@ class Supervisor:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda signum, frame: self.stopping.set())
 
-    def run_until_stopped(self) -> int:
-        """Restart children that die (a few times a minute at most); return when asked to stop."""
+    def run_until_stopped(self) -> None:
+        """Restart children that die: at once a few times a minute, then after a growing pause (up to
+        RESTART_PAUSE_MAX s) while one keeps exiting — a database or Redis outage must not end the control plane.
+        Returns when asked to stop."""
         while not self.stopping.wait(0.5):
+            now = time.monotonic()
             for child in self.children:
                 code = child.popen.poll() if child.popen else None
-                if code is None:
+                if code is None or now < child.restart_at:
                     continue
-                now = time.monotonic()
-                child.restarts = [t for t in child.restarts if now - t < 60] + [now]
-                if len(child.restarts) > MAX_RESTARTS_PER_MINUTE:
-                    logger.error("%s keeps exiting (code %s); stopping everything", child.name, code)
-                    self.stopping.set()
-                    return 1
-                logger.warning("%s exited with code %s; restarting it", child.name, code)
+                if child.restart_at == 0.0:  # just noticed: book the restart
+                    child.restarts = [t for t in child.restarts if now - t < 60] + [now]
+                    excess = len(child.restarts) - MAX_RESTARTS_PER_MINUTE
+                    pause = min(RESTART_PAUSE_MAX, 2.0 ** excess) if excess > 0 else 0.0
+                    (logger.error if pause else logger.warning)(
+                        "%s exited with code %s; restarting it%s", child.name, code,
+                        f" in {pause:.0f} s (it keeps exiting: see its log)" if pause else "")
+                    child.restart_at = now + pause
+                    if pause:
+                        continue
+                child.restart_at = 0.0
                 self.spawn(child)
-        return 0
 
     def stop_all(self) -> None:
         """Stop children in reverse start order (the worker first ends its backends), then sweep leftovers."""
@@ -202,5 +210,5 @@ def control_plane_children(host: str, port: int, hostname: str) -> list[Child]:
                                       "-c", "4", "-n", f"scheduler@{hostname}", "--without-gossip",
                                       "--without-mingle", "-l", "INFO")),
         Child("beat", python_cmd("-m", "celery", "-A", "aimind", "beat", "-l", "INFO",
-                                 "-S", "django_celery_beat.schedulers:DatabaseScheduler")),
+                                 "-S", "aimind.beat:LeaderScheduler")),
     ]

@@ -1,11 +1,14 @@
 """The /v1 gateway's cost: the tiny model behind llama-server, asked directly and through aiMindServe's /v1, with the
 same closed-loop httpx client, in the same run, rounds interleaved.
 
-    .venv/bin/python bench/gateway.py [--rounds 5] [--seconds 3] [--web-workers 1[,2,...]]
+    .venv/bin/python bench/gateway.py [--rounds 5] [--seconds 3] [--web-workers 1[,2,...]] [--rate-limited]
 
 Each row is one load (plain or streamed chat completions, max_tokens 16; 1 or 8 requests in flight): requests per
 second and the median latency (streamed: the time to the first chunk), both as medians over the rounds. Goal: at 8
-in flight the gateway keeps >= 0.90 of direct throughput; at 1 it adds <= 2 ms to the median.
+in flight the gateway keeps >= 0.90 of direct throughput; at 1 it adds <= 2 ms to the median. With --rate-limited,
+a third target: the gateway with a key whose requests and tokens per minute and tokens per day are limited (too
+high ever to refuse), so every request runs the limits' Redis script and adds its tokens after the answer; its rows
+show what that costs beside the unlimited key.
 
 llama-server closes the connection after each streamed answer without saying so (httpx then fails the next request
 on it), so streamed requests ask for `Connection: close`, to both targets alike. Measurements are 1 s apart: the
@@ -31,6 +34,8 @@ from tests.e2e.system import start_system  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
 MODEL = "bench-tiny"
+NEVER_REACHED = {"requests_per_minute": 1_000_000_000, "tokens_per_minute": 1_000_000_000,
+                 "tokens_per_day": 1_000_000_000}
 PARAMETERS = ["--parallel", "8", "-t", "2", "--ctx-size", "2048"]
 LOADS = [(mode, c) for mode in ("plain", "streamed") for c in (1, 8)]
 
@@ -82,7 +87,14 @@ def deploy(system, model: Path) -> tuple[str, str]:
     return f"http://127.0.0.1:{instance['port']}/v1/chat/completions", key
 
 
-def measure(web_workers: int, rounds: int, seconds: float) -> dict:
+def limited_key(system) -> str:
+    with system.client() as c:
+        issued = c.post("/api/v1/keys", json={"name": "bench limited", "scope": "inference", **NEVER_REACHED})
+        assert issued.status_code == 201, issued.text
+    return issued.json()["key"]
+
+
+def measure(web_workers: int, rounds: int, seconds: float, rate_limited: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="aimind-bench-") as tmp:
         tmp_path = Path(tmp)
         model = write_tiny_llama(tmp_path / "tiny.gguf")
@@ -93,6 +105,8 @@ def measure(web_workers: int, rounds: int, seconds: float) -> dict:
             direct_url, backend_key = deploy(system, model)
             targets = {"direct": (direct_url, backend_key),
                        "gateway": (f"{system.base_url}/v1/chat/completions", system.api_key)}
+            if rate_limited:
+                targets["limited"] = (targets["gateway"][0], limited_key(system))
             web = [p for p in psutil.Process(system.popen.pid).children(recursive=True)
                    if "uvicorn" in " ".join(p.cmdline()) or "spawn_main" in " ".join(p.cmdline())]
             results: dict = {}
@@ -131,6 +145,15 @@ def table(results: dict, web_workers: int, rounds: int) -> str:
         cpu = statistics.median((g[3] - idle * g[4]) / g[2] * 1e6 for g in gateway)
         lines.append(f"{mode + ' c=' + str(c):<14} {d_rps:>10.1f} {g_rps:>11.1f} {ratio:>6.2f} "
                      f"{d_p50:>9.2f}ms {g_p50:>10.2f}ms {added:>6.2f}ms {cpu:>6.0f} us")
+    if any(target == "limited" for _, _, target in results):
+        lines += ["rate-limited key (limits never reached) against the unlimited key, each round's pair:",
+                  f"{'load':<14} {'limited rps':>11} {'ratio':>6} {'limited p50':>12} {'added':>8}"]
+        for mode, c in LOADS:
+            gateway, limited = results[(mode, c, "gateway")], results[(mode, c, "limited")]
+            ratio = statistics.median(lim[0] / g[0] for g, lim in zip(gateway, limited, strict=True))
+            added = statistics.median(lim[1] - g[1] for g, lim in zip(gateway, limited, strict=True))
+            lines.append(f"{mode + ' c=' + str(c):<14} {statistics.median(r[0] for r in limited):>11.1f} "
+                         f"{ratio:>6.2f} {statistics.median(r[1] for r in limited):>10.2f}ms {added:>6.2f}ms")
     return "\n".join(lines)
 
 
@@ -139,9 +162,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=3.0, help="per load, target and round")
     parser.add_argument("--web-workers", default="1", help="comma-separated: one system per count")
+    parser.add_argument("--rate-limited", action="store_true",
+                        help="also through a key with limits it never reaches: the rate limits' cost")
     args = parser.parse_args()
     for count in (int(n) for n in args.web_workers.split(",")):
-        print(table(measure(count, args.rounds, args.seconds), count, args.rounds), flush=True)
+        print(table(measure(count, args.rounds, args.seconds, args.rate_limited), count, args.rounds), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""/api/v1/keys: API keys through the API — issue one (its secret is in that answer only), list them, revoke one;
+"""/api/v1/keys: API keys through the API — issue one (its secret is in that answer only), list them, change one's
+name, scope, expiry or limits, revoke one;
 /api/v1/keys/usage: what the gateway passed, per model, per key and per day."""
 
 from __future__ import annotations
@@ -9,19 +10,35 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from gateway_app import models as gateway_models
 from gateway_app.models import ApiKey, KeyScope, Usage
+
+
+def _limit(what: str) -> serializers.IntegerField:
+    return serializers.IntegerField(min_value=1, max_value=gateway_models.MAX_LIMIT, allow_null=True, required=False,
+                                    help_text=f"{what} the gateway passes for this key (more: 429 with Retry-After). "
+                                              "Null: no limit.")
 
 
 class ApiKeySerializer(serializers.ModelSerializer):
     name = serializers.CharField(max_length=255)
     scope = serializers.ChoiceField(KeyScope.choices, default=KeyScope.ADMIN)
     user = serializers.CharField(source="user.username", read_only=True)
+    allowed_models = serializers.ListField(
+        child=serializers.CharField(max_length=255), required=False, max_length=gateway_models.MAX_ALLOWED_MODELS,
+        help_text="Names of the models this key may call (another: 403); empty: every model.")
+    requests_per_minute = _limit("Requests per minute")
+    tokens_per_minute = _limit("Tokens per minute (prompt and completion, as the backends count them)")
+    tokens_per_day = _limit("Tokens per day (UTC)")
 
     class Meta:
         model = ApiKey
         fields = ["id", "name", "scope", "user", "key_prefix", "created_at", "last_used_at", "expires_at",
-                  "revoked_at"]
+                  "revoked_at", *gateway_models.LIMIT_FIELDS]
         read_only_fields = ["key_prefix", "created_at", "last_used_at", "revoked_at"]
+
+    def validate_allowed_models(self, value):
+        return gateway_models.check_allowed_models(value)
 
 
 class IssuedKeySerializer(ApiKeySerializer):
@@ -81,7 +98,7 @@ def usage_totals(query: dict) -> dict:
 
 
 class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
-                    mixins.DestroyModelMixin, viewsets.GenericViewSet):
+                    mixins.UpdateModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
     queryset = ApiKey.objects.select_related("user").order_by("id")
     serializer_class = ApiKeySerializer
 
@@ -89,8 +106,9 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cre
     def create(self, request, *args, **kwargs):
         body = ApiKeySerializer(data=request.data)
         body.is_valid(raise_exception=True)
-        key, raw = ApiKey.issue(request.user, body.validated_data["name"], body.validated_data["scope"],
-                                body.validated_data.get("expires_at"))
+        data = body.validated_data
+        key, raw = ApiKey.issue(request.user, data["name"], data["scope"], data.get("expires_at"),
+                                **{field: data[field] for field in gateway_models.LIMIT_FIELDS if field in data})
         key.key = raw
         return Response(IssuedKeySerializer(key).data, status=status.HTTP_201_CREATED)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import timedelta
 
+from django.db.models import Sum
 from django.utils import timezone
 from django.views.generic import TemplateView
 
@@ -56,6 +57,8 @@ def dashboard_data(window: str) -> dict:
                                                    "completion_tokens": 0, "seconds": 0.0, "buckets": [0] * BUCKETS})
     keys: dict[tuple, dict] = defaultdict(lambda: {"requests": 0, "errors": 0, "prompt_tokens": 0,
                                                    "completion_tokens": 0})
+    # (("key", id) or ("model", name), minute) → [requests, tokens]: for the busiest minute beside each limit
+    minutes: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     rows = UsageMinute.objects.filter(minute__gte=start).values_list(
         "minute", "model_name", "api_key_id", "api_key__name", "requests", "errors", "prompt_tokens",
         "completion_tokens", "latency_seconds", "latency_buckets")
@@ -75,6 +78,9 @@ def dashboard_data(window: str) -> dict:
         by_key["errors"] += errors
         by_key["prompt_tokens"] += prompt
         by_key["completion_tokens"] += completion
+        minutes[(("key", key_id), minute)][0] += n
+        minutes[(("key", key_id), minute)][1] += prompt + completion
+        minutes[(("model", model), minute)][0] += n
     model_rows = []
     for name, total in sorted(models.items()):
         p50, p95 = percentile(total["buckets"], 0.5), percentile(total["buckets"], 0.95)
@@ -82,7 +88,9 @@ def dashboard_data(window: str) -> dict:
                                                                      "completion_tokens")},
                            "p50_ms": None if p50 is None else round(p50 * 1000, 1),
                            "p95_ms": None if p95 is None else round(p95 * 1000, 1)})
-    key_rows = [{"key": name, **values} for (_, name), values in sorted(keys.items(), key=lambda kv: kv[0][1])]
+    key_rows = [{"key": name, "id": key_id, **values}
+                for (key_id, name), values in sorted(keys.items(), key=lambda kv: kv[0][1])]
+    _add_limits(model_rows, key_rows, minutes)
 
     load: dict[str, dict[str, list]] = {"cpu": {}, "ram": {}, "gpu": {}, "gpu_memory": {}}  # [sum, n] per point
 
@@ -117,6 +125,36 @@ def dashboard_data(window: str) -> dict:
         "x": x, "requests": series(per_minute(requests)),
         "tokens": series(per_minute(tokens)), "cpu": series(cpu), "ram": series(ram),
         "gpu": series(gpu), "gpu_memory": series(gpu_memory)}}
+
+
+def _add_limits(model_rows: list[dict], key_rows: list[dict], minutes: dict[tuple, list[int]]) -> None:
+    """Each row's limits beside what was used of them (`limits`: [{"used", "limit", "per"}]): per minute, the
+    window's busiest minute; per day, today (UTC). A key's row also gets its `allowed_models`."""
+    from gateway_app.models import ApiKey, Usage
+    from models_app.models import Model
+
+    busiest: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    for (owner, _minute), (requests, tokens) in minutes.items():
+        most = busiest[owner]
+        most[0], most[1] = max(most[0], requests), max(most[1], tokens)
+    rpm = dict(Model.objects.filter(name__in=[r["model"] for r in model_rows], requests_per_minute__isnull=False)
+               .values_list("name", "requests_per_minute"))
+    for row in model_rows:
+        limit = rpm.get(row["model"])
+        row["limits"] = [] if limit is None else [
+            {"used": busiest[("model", row["model"])][0], "limit": limit, "per": "rpm"}]
+    limits = {pk: rest for pk, *rest in ApiKey.objects.filter(pk__in=[r["id"] for r in key_rows]).values_list(
+        "pk", "requests_per_minute", "tokens_per_minute", "tokens_per_day", "allowed_models")}
+    today = dict(Usage.objects.filter(day=timezone.now().date(), api_key__in=[
+        pk for pk, (*_, per_day, _allowed) in limits.items() if per_day is not None]).values("api_key").annotate(
+        tokens=Sum("prompt_tokens") + Sum("completion_tokens")).values_list("api_key", "tokens"))
+    for row in key_rows:
+        per_minute, tokens_per_minute, per_day, allowed = limits.get(row["id"], (None, None, None, []))
+        requests, tokens = busiest[("key", row["id"])]
+        row["limits"] = [{"used": used, "limit": limit, "per": per} for used, limit, per in (
+            (requests, per_minute, "rpm"), (tokens, tokens_per_minute, "tpm"),
+            (today.get(row["id"], 0), per_day, "tpd")) if limit is not None]
+        row["allowed_models"] = list(allowed or [])
 
 
 class DashboardView(AdminRequiredMixin, TemplateView):

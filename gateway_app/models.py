@@ -4,6 +4,7 @@ import hashlib
 import secrets
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -11,10 +12,28 @@ from django.utils.translation import gettext_lazy as _
 from gateway_app import changes
 
 KEY_PREFIX = "aimind-"
+LIMIT_FIELDS = ("allowed_models", "requests_per_minute", "tokens_per_minute", "tokens_per_day")
+MAX_LIMIT = 2_000_000_000  # what the column holds
+MAX_ALLOWED_MODELS = 1000
 
 
 def hash_key(raw_key: str) -> str:
     return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def check_allowed_models(value) -> list[str]:
+    """An API key's `allowed_models`: a list of model names (empty: every model), stripped, each once. The API and
+    the admin share it."""
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list):
+        raise ValidationError('must be a list of model names, e.g. ["qwen"]; empty: every model')
+    if len(value) > MAX_ALLOWED_MODELS:
+        raise ValidationError(f"at most {MAX_ALLOWED_MODELS} models, got {len(value)}")
+    for name in value:
+        if not isinstance(name, str) or not name.strip() or len(name) > 255:
+            raise ValidationError(f"{name!r} is not a model name (a non-empty string of at most 255 characters)")
+    return list(dict.fromkeys(name.strip() for name in value))
 
 
 class KeyScope(models.TextChoices):
@@ -51,10 +70,12 @@ class ApiKey(models.Model):
         return f"{self.name} ({self.key_prefix}…)"
 
     @classmethod
-    def issue(cls, user, name: str, scope: str = KeyScope.ADMIN, expires_at=None) -> tuple[ApiKey, str]:
+    def issue(cls, user, name: str, scope: str = KeyScope.ADMIN, expires_at=None, **limits) -> tuple[ApiKey, str]:
+        """A new key and its secret (shown once); `limits`: allowed_models, requests_per_minute, tokens_per_minute,
+        tokens_per_day."""
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
         key = cls.objects.create(name=name, user=user, key_hash=hash_key(raw), key_prefix=raw[: len(KEY_PREFIX) + 6],
-                                 scope=scope, expires_at=expires_at)
+                                 scope=scope, expires_at=expires_at, **limits)
         return key, raw
 
     def usable(self) -> bool:

@@ -8,12 +8,14 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from aimind import metrics
-from gateway_app import usage
+from gateway_app import limits, stream_usage, usage, waking
 from gateway_app.authentication import bearer_token
 from gateway_app.routing import note_failure, note_success, pick
 from gateway_app.tables import TABLES, Key, Replica, Route, done_with_database
@@ -21,13 +23,13 @@ from gateway_app.upstream import POOLS, ConnectFailed, Exchange, UpstreamBroken
 
 logger = logging.getLogger(__name__)
 
-JSON_ROUTES = frozenset({"chat/completions", "completions", "embeddings", "rerank", "audio/speech"})
+JSON_ROUTES = frozenset({"chat/completions", "completions", "embeddings", "rerank", "audio/speech", "messages"})
 UPLOAD_ROUTES = frozenset({"audio/transcriptions"})
 # Headers that describe one hop, not the message, are never passed on; nor are the client's credentials (each
 # backend gets its instance's own secret), nor Accept-Encoding (bodies pass through as they are: nothing to decode).
 HOP_HEADERS = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"content-encoding",
-                         b"host", b"authorization", b"cookie", b"upgrade", b"te", b"trailer", b"proxy-authorization",
-                         b"proxy-authenticate", b"accept-encoding", b"expect"})
+                         b"host", b"authorization", b"x-api-key", b"cookie", b"upgrade", b"te", b"trailer",
+                         b"proxy-authorization", b"proxy-authenticate", b"accept-encoding", b"expect"})
 ANSWER_SKIP = HOP_HEADERS | {b"server", b"date"}  # uvicorn adds its own
 # What Django's security middleware added to the gateway's answers.
 SAFETY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
@@ -51,9 +53,27 @@ async def _error(send, status: int, message: str, type_: str, code: str | None, 
     await _answer(send, status, error_body(message, type_, code), [*JSON_HEADERS, *extra])
 
 
-async def _unauthorized(send) -> None:
-    await _error(send, 401, "Missing or invalid API key. Send 'Authorization: Bearer <api key>'.",
-                 "invalid_request_error", "invalid_api_key", [(b"www-authenticate", b'Bearer realm="gateway"')])
+# How a route refuses a request: (send, status, message, type, code, extra headers). OpenAI's shape is `_error`;
+# /v1/messages answers in Anthropic's (gateway_app.anthropic.refuse). Every step shared by the routes takes one.
+Refuse = Callable[..., Awaitable[None]]
+
+
+async def _unauthorized(send, refuse: Refuse = _error) -> None:
+    await refuse(send, 401, "Missing or invalid API key. Send 'Authorization: Bearer <api key>' or "
+                            "'x-api-key: <api key>'.", "invalid_request_error", "invalid_api_key",
+                 [(b"www-authenticate", b'Bearer realm="gateway"')])
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A request that passed the shared steps, ready to be forwarded."""
+
+    key: Key
+    target: Route
+    fields: dict  # the JSON body (empty for a multipart one)
+    body: bytes
+    headers: bytes  # the client's header lines that are passed on, each ending in CRLF
+    stream: bool
 
 
 class Gateway:
@@ -76,23 +96,37 @@ class Gateway:
         if scope["method"] != allowed:
             return await _answer(send, 405, b"", [(b"allow", allowed.encode()),
                                                   (b"content-type", b"text/html; charset=utf-8"), *SAFETY_HEADERS])
+        refuse = _error
         try:
             if allowed == "GET":
                 await self.list_models(scope, send)
+            elif route == "messages":
+                from gateway_app import anthropic  # it builds on this module
+
+                refuse = anthropic.refuse
+                await anthropic.messages(self, scope, receive, send)
             else:
                 await self.proxy(scope, receive, send, route)
         except Exception:
             logger.exception("the gateway failed on %s", path)
             try:
-                await _error(send, 500, "The gateway failed on this request.", "api_error", "internal_error")
+                await refuse(send, 500, "The gateway failed on this request.", "api_error", "internal_error")
             except Exception:
                 pass  # the answer had begun
         if time.monotonic() - usage.METER.flushed_at > 3 * settings.GATEWAY_USAGE_FLUSH_INTERVAL:
             await flush_usage()  # no flusher task in this process (no lifespan): on the way out, now and then
 
     async def _key(self, scope) -> Key | None:
-        authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        """The key of `Authorization: Bearer <key>`, or else of `x-api-key: <key>` (Anthropic's clients send that)."""
+        authorization = api_key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+            elif name == b"x-api-key":
+                api_key = value
         token = bearer_token(authorization.decode("latin-1")) if authorization else None
+        if token is None and api_key is not None:
+            token = api_key.decode("latin-1").strip() or None
         if token is None:
             return None
         key = (await TABLES.current()).key(token)
@@ -103,14 +137,31 @@ class Gateway:
         return key
 
     async def list_models(self, scope, send) -> None:
-        if await self._key(scope) is None:
-            return await _unauthorized(send)
-        await _answer(send, 200, TABLES.snapshot.models_body, JSON_HEADERS)
-
-    async def proxy(self, scope, receive, send, route: str) -> None:
         key = await self._key(scope)
         if key is None:
             return await _unauthorized(send)
+        await _answer(send, 200, key.models_body or TABLES.snapshot.models_body, JSON_HEADERS)
+
+    async def proxy(self, scope, receive, send, route: str) -> None:
+        admitted = await self.admit(scope, receive, send, route)
+        if admitted is None:
+            return
+        body, usage_filter = admitted.body, None
+        if admitted.stream and route == "chat/completions":  # counted exactly: the backend is asked for the usage
+            body, usage_filter = stream_usage.ask_for_usage(admitted.fields, body)
+        head = b"POST /v1/%s HTTP/1.1\r\n%scontent-length: %d\r\n" % (route.encode(), admitted.headers, len(body))
+        forwarding = Forwarding(admitted.key, admitted.target, admitted.stream, send)
+        forwarding.usage_filter = usage_filter
+        await forwarding.run(receive, head, body)
+
+    async def admit(self, scope, receive, send, route: str, refuse: Refuse = _error,
+                    check: Callable[[dict], str | None] | None = None) -> Admitted | None:
+        """The steps every forwarded request takes, whatever its API: the key, the body (`check` may refuse a JSON
+        one: a problem to answer 400 with), the model, the key's and the model's limits (gateway_app.limits), a
+        running replica. None when refused, answered already through `refuse` (each API's own error shape)."""
+        key = await self._key(scope)
+        if key is None:
+            return await _unauthorized(send, refuse)
         passed, full_type = [], ""
         for name, value in scope["headers"]:
             if name not in HOP_HEADERS:
@@ -119,49 +170,67 @@ class Gateway:
                     full_type = value.decode("latin-1")
         content_type = full_type.split(";", 1)[0].strip().lower()
         if route in JSON_ROUTES and content_type != "application/json":
-            return await _error(send, 415, f"Send the body of /v1/{route} as application/json, not "
+            return await refuse(send, 415, f"Send the body of /v1/{route} as application/json, not "
                                            f"{content_type or 'nothing'}.", "invalid_request_error",
                                 "unsupported_media_type")
         if route in UPLOAD_ROUTES and content_type != "multipart/form-data":
-            return await _error(send, 415, f"Send the body of /v1/{route} as multipart/form-data.",
+            return await refuse(send, 415, f"Send the body of /v1/{route} as multipart/form-data.",
                                 "invalid_request_error", "unsupported_media_type")
         body = await _read_body(receive)
         if body is None:
             return  # the client left, or the body was refused as too large (answered already)
+        fields: dict = {}
         if route in JSON_ROUTES:
-            model_name, stream, problem = _json_fields(body)
+            fields, problem = _json_fields(body)
+            model_name, stream = fields.get("model"), bool(fields.get("stream"))
+            if problem is None and check is not None:
+                problem = check(fields)
         else:
             model_name, stream, problem = await asyncio.to_thread(_form_fields, full_type, body)
         if problem:
-            return await _error(send, 400, problem, "invalid_request_error", "invalid_body")
+            return await refuse(send, 400, problem, "invalid_request_error", "invalid_body")
         if not model_name or not isinstance(model_name, str):
-            return await _error(send, 400, "The 'model' field is required.", "invalid_request_error",
+            return await refuse(send, 400, "The 'model' field is required.", "invalid_request_error",
                                 "model_required")
+        refused = limits.not_allowed(key, model_name)
+        if refused is not None:
+            return await refuse(send, refused.status, refused.message, refused.type, refused.code)
         target = TABLES.snapshot.routes.get(model_name)
         if (target is None or not target.replicas) and await TABLES.recheck():
             target = TABLES.snapshot.routes.get(model_name)
         if target is None:
-            return await _error(send, 404, f"The model '{model_name}' does not exist.", "invalid_request_error",
+            return await refuse(send, 404, f"The model '{model_name}' does not exist.", "invalid_request_error",
                                 "model_not_found")
+        refused = await limits.LIMITER.admit(key, target)
+        if refused is not None:
+            usage.METER.note_served(model_name, refused.status, 0.0, key.id)
+            return await refuse(send, refused.status, refused.message, refused.type, refused.code, refused.headers)
+        if not target.replicas and target.wakes:  # it sleeps when idle: woken, and waited for (bounded)
+            target = await waking.wait_for_replica(target)
+            if not target.replicas:
+                usage.METER.note_served(model_name, 503, 0.0, key.id)
+                return await refuse(send, 503, waking.waking_message(model_name), "service_unavailable",
+                                    "model_waking", [waking.RETRY_AFTER])
         if not target.replicas:
             usage.METER.note_served(model_name, 503, 0.0, key.id)
-            return await _error(send, 503, f"The model '{model_name}' has no running instance.",
+            return await refuse(send, 503, f"The model '{model_name}' has no running instance.",
                                 "service_unavailable", "no_running_instance")
-        head = b"POST /v1/%s HTTP/1.1\r\n%scontent-length: %d\r\n" % (route.encode(), b"".join(passed), len(body))
-        await Forwarding(key, target, stream, send).run(receive, head, body)
+        return Admitted(key, target, fields, body, b"".join(passed), stream)
 
 
 class Forwarding:
     """One request on its way to a replica and its answer on the way back; ends the backend's work when the client
     leaves."""
 
-    def __init__(self, key: Key, target: Route, stream: bool, send) -> None:
-        self.key, self.target, self.stream, self._send = key, target, stream, send
+    def __init__(self, key: Key, target: Route, stream: bool, send, refuse: Refuse = _error) -> None:
+        self.key, self.target, self.stream, self._send, self.refuse = key, target, stream, send, refuse
         self.replica: Replica | None = None
         self.exchange: Exchange | None = None
         self.answered = False
         self.status = 0  # as sent to the client
         self.began = time.monotonic()
+        self.usage_filter: stream_usage.UsageFilter | None = None  # hides the usage the client did not ask for
+        self.tokens = 0  # the answer's, once counted
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
@@ -184,6 +253,7 @@ class Forwarding:
         try:
             if await self.connect(head, body):
                 await self.answer()
+                await limits.LIMITER.add_tokens(self.key, self.tokens)  # answered already: the client waits not
         except asyncio.CancelledError:
             if not watcher.done() or watcher.cancelled():
                 raise  # not the client leaving: the server stopping
@@ -215,8 +285,9 @@ class Forwarding:
             replica.outstanding += 1
             self.replica = replica
             try:
-                self.exchange = await POOLS.get(replica.host, replica.port).request(head + replica.head + b"\r\n",
-                                                                                     body)
+                to_head, to_body = self.request_for(replica, head, body)
+                self.exchange = await POOLS.get(replica.host, replica.port).request(
+                    to_head + replica.head + b"\r\n", to_body)
             except (ConnectFailed, UpstreamBroken) as exc:
                 replica.outstanding -= 1
                 self.replica = None
@@ -228,9 +299,14 @@ class Forwarding:
             note_success(replica)
             return True
 
+    def request_for(self, replica: Replica, head: bytes, body: bytes) -> tuple[bytes, bytes]:
+        """The request as `replica` is sent it (its own header lines follow `head`): as given, unless a subclass
+        speaks to some backends in another API."""
+        return head, body
+
     async def _unreachable(self) -> bool:
-        await _error(self.send, 502, f"The instance serving '{self.target.name}' could not be reached.", "api_error",
-                     "upstream_unreachable")
+        await self.refuse(self.send, 502, f"The instance serving '{self.target.name}' could not be reached.",
+                          "api_error", "upstream_unreachable")
         return False
 
     async def answer(self) -> None:
@@ -243,10 +319,14 @@ class Forwarding:
             tail = b""
             try:
                 while chunk := await exchange.read():
-                    await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
                     tail = chunk[-TAIL:] if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
+                    if self.usage_filter is not None and not (chunk := self.usage_filter.feed(chunk)):
+                        continue
+                    await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
             except UpstreamBroken as exc:
                 logger.warning("stream from backend broke: %s", exc)
+            if self.usage_filter is not None and (rest := self.usage_filter.rest()):
+                await self._send({"type": "http.response.body", "body": rest, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             self.count(tail)
             return
@@ -254,8 +334,8 @@ class Forwarding:
             body = await exchange.body()
         except UpstreamBroken as exc:
             logger.warning("instance %s broke off its answer: %s", self.replica.instance_id, exc)
-            return await _error(send, 502, f"The instance serving '{self.target.name}' broke off its answer.",
-                                "api_error", "upstream_unreachable")
+            return await self.refuse(send, 502, f"The instance serving '{self.target.name}' broke off its answer.",
+                                     "api_error", "upstream_unreachable")
         self.count(body)
         if self.replica.backend == "vox-box":
             refused = _vox_box_error(exchange.status, content_type, body)
@@ -265,7 +345,12 @@ class Forwarding:
 
     def count(self, tail: bytes) -> None:
         prompt, completion = usage.tokens_in(tail) if self.exchange.status == 200 else (0, 0)
+        self.note_tokens(prompt, completion)
+
+    def note_tokens(self, prompt: int, completion: int) -> None:
+        """Every forwarded answer's tokens, whatever its API, pass here once."""
         usage.METER.note_answer(self.key.id, self.target.name, prompt, completion)
+        self.tokens = prompt + completion
 
 
 async def _read_body(receive) -> bytes | None:
@@ -283,15 +368,15 @@ async def _read_body(receive) -> bytes | None:
     return b"".join(parts)
 
 
-def _json_fields(raw: bytes) -> tuple[object, bool, str | None]:
-    """(model, wants a stream, problem) from a JSON body."""
+def _json_fields(raw: bytes) -> tuple[dict, str | None]:
+    """(the fields, problem) from a JSON body."""
     try:
         body = json.loads(raw or b"{}")
     except (ValueError, UnicodeDecodeError):
-        return None, False, "The request body is not valid JSON."
+        return {}, "The request body is not valid JSON."
     if not isinstance(body, dict):
-        return None, False, "The request body must be a JSON object."
-    return body.get("model"), bool(body.get("stream")), None
+        return {}, "The request body must be a JSON object."
+    return body, None
 
 
 def _form_fields(content_type: str, raw: bytes) -> tuple[object, bool, str | None]:
@@ -333,6 +418,7 @@ def _vox_box_error(status: int, content_type: bytes, body: bytes) -> tuple[int, 
 
 
 async def flush_usage() -> None:
+    await waking.flush_last_requests()
     served = usage.METER.take_served()
     counts, last_used, minutes = usage.METER.take()
     if served or counts:

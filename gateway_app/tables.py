@@ -1,7 +1,8 @@
 """What /v1 needs to know, held in memory in each web process: the usable API keys and the routing table (model
 name → its running replicas). Reloaded from the database (three queries, off the event loop) when the version that
 gateway_app.changes bumps moves, and every GATEWAY_RELOAD_EVERY seconds in any case; a request waits for the
-database only before the first load. With Redis down the last tables keep serving."""
+database only before the first load. With Redis or the database down the last tables keep serving, and are read
+again once a second until the database answers."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from gateway_app.models import hash_key
 
 logger = logging.getLogger(__name__)
 REDIS_RETRY_AFTER = 1.0  # seconds without asking Redis again after it failed to answer
+DATABASE_RETRY_AFTER = 1.0  # seconds without reading the tables again after the database failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,13 @@ class Key:
     id: int
     scope: str
     expires_at: float | None  # epoch seconds
+    name: str = ""
+    # Its quotas and rate limits (gateway_app.limits); None: no limit.
+    allowed_models: frozenset[str] | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    models_body: bytes | None = None  # GET /v1/models for a key limited to some models (else the snapshot's)
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +64,9 @@ class Route:
     name: str
     replicas: list[Replica] = field(default_factory=list)
     turn: int = 0  # round robin among equally busy replicas
+    requests_per_minute: int | None = None  # over all keys (gateway_app.limits)
+    asleep: bool = False  # put to sleep when idle: a request wakes it (gateway_app.waking)
+    wakes: bool = False  # it sleeps when idle (or is asleep) and has replicas: a request waits for one to run
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +99,12 @@ def load_snapshot(previous: Snapshot | None = None) -> Snapshot:
     from models_app.models import Model, ModelInstance
 
     try:
-        keys = {key_hash: Key(pk, scope, expires.timestamp() if expires else None)
-                for pk, key_hash, scope, expires in ApiKey.objects.filter(
-                    revoked_at__isnull=True, user__is_active=True).values_list("pk", "key_hash", "scope", "expires_at")}
-        models = list(Model.objects.order_by("name").values_list("pk", "name", "backend", "categories", "created_at"))
+        key_rows = list(ApiKey.objects.filter(revoked_at__isnull=True, user__is_active=True).values_list(
+            "pk", "key_hash", "scope", "expires_at", "name", "allowed_models", "requests_per_minute",
+            "tokens_per_minute", "tokens_per_day"))
+        models = list(Model.objects.order_by("name").values_list("pk", "name", "backend", "categories", "created_at",
+                                                                 "asleep", "sleep_after_minutes", "replicas",
+                                                                 "requests_per_minute"))
         running = list(ModelInstance.objects.filter(
             state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False,
         ).order_by("id").values_list("pk", "model_id", "worker__ip", "port", "backend", "backend_api_key"))
@@ -98,7 +112,9 @@ def load_snapshot(previous: Snapshot | None = None) -> Snapshot:
         done_with_database()
     kept = {(r.instance_id, r.host, r.port, r.api_key): r for route in (previous.routes.values() if previous else ())
             for r in route.replicas}
-    routes = {name: Route(pk, name) for pk, name, *_ in models}
+    routes = {name: Route(pk, name, requests_per_minute=rpm, asleep=asleep,
+                          wakes=replicas > 0 and (asleep or sleep_after is not None))
+              for pk, name, *_, asleep, sleep_after, replicas, rpm in models}
     by_id = {route.model_id: route for route in routes.values()}
     backend_of = {pk: backend for pk, _, backend, *_ in models}
     for pk, model_id, ip, port, backend, api_key in running:
@@ -108,8 +124,25 @@ def load_snapshot(previous: Snapshot | None = None) -> Snapshot:
         by_id[model_id].replicas.append(replica)
     listing = [{"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "aimind",
                 "categories": categories, "ready_replicas": len(by_id[pk].replicas)}
-               for pk, name, _, categories, created in models]
-    return Snapshot(keys, routes, json.dumps({"object": "list", "data": listing}).encode())
+               for pk, name, _, categories, created, *_ in models]
+    return Snapshot(_keys(key_rows, listing), routes, json.dumps({"object": "list", "data": listing}).encode())
+
+
+def _keys(rows: list[tuple], listing: list[dict]) -> dict[str, Key]:
+    """The keys by hash, with their limits; GET /v1/models rendered once per distinct list of allowed models."""
+    bodies: dict[frozenset[str], bytes] = {}
+    keys = {}
+    for pk, key_hash, scope, expires, name, allowed, rpm, tpm, tpd in rows:
+        allowed = frozenset(m for m in allowed if isinstance(m, str)) if isinstance(allowed, list) and allowed \
+            else None
+        body = None
+        if allowed is not None:
+            body = bodies.get(allowed)
+            if body is None:
+                body = bodies[allowed] = json.dumps({"object": "list", "data": [
+                    entry for entry in listing if entry["id"] in allowed]}).encode()
+        keys[key_hash] = Key(pk, scope, expires.timestamp() if expires else None, name, allowed, rpm, tpm, tpd, body)
+    return keys
 
 
 class Tables:
@@ -121,6 +154,8 @@ class Tables:
         self.version: bytes | None = None  # Redis's, when the snapshot was read
         self.local = -1  # this process's change counter, when the snapshot was read
         self.loaded_at = self.checked_at = -1e9
+        self.failing_since: float | None = None  # the database could not be read since then (monotonic)
+        self._failed_at = -1e9
         self._redis: dict[int, tuple[asyncio.AbstractEventLoop, str, redis.asyncio.Redis]] = {}
         self._redis_failed_at = -1e9
         self._reload: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
@@ -136,6 +171,8 @@ class Tables:
         """Reload when Redis's version moved, or when the last load is GATEWAY_RELOAD_EVERY seconds old."""
         remote = await self._remote_version()
         self.checked_at = now = time.monotonic()
+        if now - self._failed_at < DATABASE_RETRY_AFTER:
+            return  # the database failed a moment ago: serve what we have
         if (remote is not None and remote != self.version) or self.local != changes.local_version() \
                 or now - self.loaded_at >= settings.GATEWAY_RELOAD_EVERY:
             await self.reload(remote)
@@ -166,11 +203,19 @@ class Tables:
             remote = await self._remote_version()
         try:
             snapshot = await sync_to_async(load_snapshot)(self.snapshot)
-        except Exception:
+        except Exception as exc:
             if self.snapshot is None:
                 raise
-            logger.warning("could not reload the gateway's tables; serving the last ones", exc_info=True)
+            self._failed_at = time.monotonic()
+            if self.failing_since is None:
+                self.failing_since = self._failed_at
+                logger.warning("cannot read the gateway's tables from the database (%s); serving the last ones "
+                               "until it answers", exc)
             return
+        if self.failing_since is not None:
+            logger.warning("the database answers again after %.0f s; the gateway's tables are current",
+                           time.monotonic() - self.failing_since)
+            self.failing_since = None
         self.snapshot, self.version, self.local = snapshot, remote, local
         self.loaded_at = self.checked_at = time.monotonic()
 

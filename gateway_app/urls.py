@@ -5,6 +5,6 @@ from gateway_app import views
 # Served by gateway_app.proxy under uvicorn (see aimind.asgi); these reach it through Django's handler.
 urlpatterns = [
     path("models", views.gateway),
-    re_path(r"^(?P<route>chat/completions|completions|embeddings|rerank|audio/speech|audio/transcriptions)$",
+    re_path(r"^(?P<route>chat/completions|completions|embeddings|rerank|audio/speech|audio/transcriptions|messages)$",
             views.gateway),
 ]

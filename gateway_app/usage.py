@@ -49,6 +49,8 @@ class Meter:
         self.served: dict[tuple[str, str], list] = {}
         # For the dashboard: (minute, key id, model) → [requests, errors, prompt, completion, latency sum, buckets…].
         self.minutes: dict[tuple[datetime, int | None, str], list] = {}
+        # Each model's last request (epoch seconds): how long it has been idle (gateway_app.waking writes it).
+        self.requested: dict[str, float] = {}
         self.flushed_at = time.monotonic()
 
     def _minute(self, key_id: int | None, model_name: str) -> list:
@@ -64,6 +66,7 @@ class Meter:
         """One request for a model answered (`status` 0: the client left first), and how long it took."""
         from aimind.metrics import LATENCY_BUCKETS, bucket_of
 
+        self.requested[model_name] = time.time()
         key = (model_name, f"{status // 100}xx" if status else "client_left")
         entry = self.served.get(key)
         if entry is None:
@@ -77,6 +80,14 @@ class Meter:
         minute[1] += not 200 <= status < 300
         minute[4] += seconds
         minute[5 + index] += 1
+
+    def take_requested(self) -> dict[str, float]:
+        requested, self.requested = self.requested, {}
+        return requested
+
+    def put_back_requested(self, requested: dict[str, float]) -> None:
+        for name, when in requested.items():
+            self.requested[name] = max(when, self.requested.get(name, 0.0))
 
     def take_served(self) -> dict[tuple[str, str], list]:
         served, self.served = self.served, {}

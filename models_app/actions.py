@@ -6,9 +6,11 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterable
+from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import Count, F, Max, Q, QuerySet
+from django.utils import timezone
 
 from models_app import lifecycle
 from models_app.choices import ErrorKind, InstanceState
@@ -93,6 +95,8 @@ def do_update_model(model: Model, fields: dict) -> Model:
     model.refresh_from_db(fields=["config_version"])
     if "config_version" in changed:
         lifecycle.do_note_outdated(model, sorted(changed - {"config_version"}))
+    if model.sleep_after_minutes is None and Model.objects.filter(pk=model.pk, asleep=True).update(asleep=False):
+        model.asleep = False  # no longer a model that sleeps: it wakes
     do_sync_replicas(model)
     return model
 
@@ -101,21 +105,27 @@ def do_update_model(model: Model, fields: dict) -> Model:
 def do_scale_model(model: Model, replicas: int) -> Model:
     if replicas < 0:
         raise ValueError("replicas must be >= 0")
-    Model.objects.filter(pk=model.pk).update(replicas=replicas)
-    model.replicas = replicas
+    # Start and Stop are the operator's word: a sleeping model started runs now (and may sleep again when idle).
+    Model.objects.filter(pk=model.pk).update(replicas=replicas, asleep=False)
+    model.replicas, model.asleep = replicas, False
     do_sync_replicas(model)
     return model
 
 
+def wanted_replicas(model: Model) -> int:
+    """How many instances the model should have: `replicas`, or none while it sleeps (a request wakes it)."""
+    return 0 if model.asleep else model.replicas
+
+
 def do_sync_replicas(model: Model) -> None:
-    """Create or delete instances until the model has exactly `replicas` of them."""
+    """Create or delete instances until the model has exactly as many as it wants (`wanted_replicas`)."""
     with transaction.atomic():
         # Lock the model row so two scalers never both add (or both remove) the same replica.
         model = Model.objects.select_for_update().filter(pk=model.pk).first()
         if model is None:
             return  # deleted meanwhile: whoever deleted it stopped its instances
         current = sorted(ModelInstance.objects.filter(model=model).select_related("worker"), key=_victim_order)
-        missing = model.replicas - len(current)
+        missing = wanted_replicas(model) - len(current)
         if missing > 0:
             _after_commit_schedule(_new_instance(model).id for _ in range(missing))
         elif missing < 0:
@@ -152,3 +162,75 @@ def do_delete_model(model: Model) -> None:
     model.replicas = 0
     do_sync_replicas(model)
     Model.objects.filter(pk=model.pk).delete()
+
+
+# Sleeping when idle, waking on a request (SPEC: `sleep_after_minutes`, `asleep`, `last_request_at`).
+
+STARTING_STATES = (InstanceState.SCHEDULED, InstanceState.DOWNLOADING, InstanceState.INITIALIZING,
+                   InstanceState.STARTING)
+
+
+def sleepers() -> QuerySet:
+    """Models that may be put to sleep now: they opted in, are awake and have replicas. Each row carries
+    `newest_running_since` (for `active_at`) and `starting`: how many of its replicas are being placed or started
+    (a model is never put to sleep while one is)."""
+    return Model.objects.filter(sleep_after_minutes__isnull=False, asleep=False, replicas__gt=0).annotate(
+        newest_running_since=Max("instances__running_since"),
+        starting=Count("instances", filter=Q(instances__state__in=STARTING_STATES)))
+
+
+def active_at(model: Model) -> datetime:
+    """When a `sleepers()` row was last in use: its last request, or when it was created or its newest replica began
+    running, whichever is latest (a model just started is not idle, however old its last request)."""
+    return max(t for t in (model.last_request_at, model.created_at, model.newest_running_since) if t is not None)
+
+
+def do_sleep_model(model: Model, message: str, idle_before: datetime | None = None) -> bool:
+    """Put a model that opted into sleeping to sleep: `asleep`, and its instances deleted as by a scale-down (their
+    backends stop, their resources are freed); `replicas` is kept for when it wakes. With `idle_before`, only if it
+    is still idle since before then (a request may have come meanwhile). True when this call put it to sleep."""
+    with transaction.atomic():
+        # The row first, locked (PostgreSQL locks no row of a grouped query): a wake or an edit waits, or went first.
+        if not Model.objects.select_for_update().filter(pk=model.pk).exists():
+            return False
+        found = sleepers().filter(pk=model.pk).first()
+        if found is None or (idle_before is not None and (found.starting or active_at(found) >= idle_before)):
+            return False
+        Model.objects.filter(pk=model.pk).update(asleep=True, updated_at=timezone.now())
+        _delete_instances(list(ModelInstance.objects.filter(model=model.pk).select_related("worker")))
+    model.asleep = True
+    logger.info("model %s is asleep: %s", model.name, message)
+    return True
+
+
+def do_sleep_idle_models(now: datetime | None = None) -> list[str]:
+    """The beat's check: every model that has had no request for its `sleep_after_minutes` is put to sleep.
+    Returns their names."""
+    now = now or timezone.now()
+    slept = []
+    for model in sleepers():
+        cutoff = now - timedelta(minutes=model.sleep_after_minutes)
+        if model.starting or active_at(model) >= cutoff:
+            continue
+        idle = (now - active_at(model)).total_seconds() / 60
+        if do_sleep_model(model, f"no request for {idle:.0f} min (sleeps after {model.sleep_after_minutes} min "
+                                 f"idle)", idle_before=cutoff):
+            slept.append(model.name)
+    return slept
+
+
+def do_wake_model(model_id: int) -> bool:
+    """A request came for a sleeping model: it wakes, its instances are created and scheduled as on a scale-up, and
+    the request counts as its last (it does not fall asleep again at once). Two processes waking it at the same
+    moment create the instances once. True when this call woke it."""
+    now = timezone.now()
+    with transaction.atomic():
+        # Under the row's lock the second waker finds it awake: a conditional update, one winner.
+        if not Model.objects.select_for_update().filter(pk=model_id, asleep=True).exists():
+            return False
+        if not Model.objects.filter(pk=model_id, asleep=True).update(asleep=False, last_request_at=now,
+                                                                      updated_at=now):
+            return False
+        do_sync_replicas(Model(pk=model_id))
+    logger.info("model %s woke on a request", model_id)
+    return True

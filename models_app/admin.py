@@ -57,7 +57,7 @@ class ModelAdmin(admin.ModelAdmin):
     form = ModelAdminForm
     list_display = ["name", "source", "source_display", "replicas", "ready", "backend", "placement_strategy",
                     "updated_at"]
-    list_filter = ["source", "backend", "placement_strategy", "cpu_offloading"]
+    list_filter = ["source", "backend", "placement_strategy", "cpu_offloading", "asleep"]
     search_fields = ["name", "description", "huggingface_repo_id", "model_scope_model_id", "local_path"]
     inlines = [ModelInstanceInline]
     actions = ["stop_models", "start_models"]
@@ -68,7 +68,10 @@ class ModelAdmin(admin.ModelAdmin):
         ("Placement", {"fields": ["placement_strategy", "worker_selector", "gpu_selector", "cpu_offloading",
                                   "distributed_inference_across_workers"]}),
         ("Backend", {"fields": ["backend", "backend_version", "backend_parameters", "env", "restart_on_error"]}),
+        ("Sleep when idle", {"fields": ["sleep_after_minutes", "asleep", "last_request_at"]}),
+        (_("Rate limit"), {"fields": ["requests_per_minute"]}),
     ]
+    readonly_fields = ["asleep", "last_request_at"]
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(

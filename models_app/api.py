@@ -55,6 +55,17 @@ class ModelViewSet(viewsets.ModelViewSet):
 
 class TailQuery(serializers.Serializer):
     tail = serializers.IntegerField(min_value=1, max_value=10000, default=200)
+    attempt = serializers.IntegerField(min_value=1, required=False,
+                                       help_text="One kept attempt's log (see logs/attempts); the live log if absent.")
+
+
+class LogAttemptSerializer(serializers.Serializer):
+    attempt = serializers.IntegerField()
+    started_at = serializers.CharField()
+    ended_at = serializers.CharField(allow_null=True)
+    exit_code = serializers.IntegerField(allow_null=True)
+    exit = serializers.CharField(help_text='How it ended ("exited with code 1", "stopped"); empty while it runs.')
+    current = serializers.BooleanField()
 
 
 class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.DestroyModelMixin,
@@ -76,9 +87,25 @@ class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mix
     @extend_schema(parameters=[TailQuery], responses={(200, "text/plain"): str})
     @action(detail=True, methods=["get"])
     def logs(self, request, pk=None):
+        """The log's last lines: the live log (every recent start), or with `attempt` one start's own log, kept
+        when the backend was restarted (the last AIMIND_INSTANCE_LOG_ATTEMPTS)."""
         instance = self.get_object()
         query = TailQuery(data=request.query_params)
         query.is_valid(raise_exception=True)
-        lines = logs.last_lines(instance.pk, query.validated_data["tail"])
+        tail, attempt = query.validated_data["tail"], query.validated_data.get("attempt")
+        lines = logs.last_lines(instance.pk, tail) if attempt is None else logs.attempt_lines(instance.pk, attempt,
+                                                                                               tail)
+        if lines is None:
+            kept = ", ".join(str(a["attempt"]) for a in logs.attempts(instance.pk)) or "none"
+            return Response({"attempt": [f"attempt {attempt} of {instance.name} is not kept (kept: {kept})"]},
+                            status=status.HTTP_404_NOT_FOUND)
         body = "\n".join(lines) + ("\n" if lines else "")
         return HttpResponse(body, content_type="text/plain; charset=utf-8", status=status.HTTP_200_OK)
+
+    @extend_schema(responses=LogAttemptSerializer(many=True))
+    @action(detail=True, methods=["get"], url_path="logs/attempts", url_name="log-attempts")
+    def log_attempts(self, request, pk=None):
+        """The kept starts of the instance's backend, newest (the current one) first: each one's number, when it
+        started and ended, its exit code and how it ended. Read one with `logs?attempt=N`."""
+        instance = self.get_object()
+        return Response(LogAttemptSerializer(logs.attempts(instance.pk), many=True).data)

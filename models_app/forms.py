@@ -36,6 +36,8 @@ def model_data_from_post(post: QueryDict) -> dict:
     data["env"] = dict(_rows(post, "env_name", "env_value"))
     for flag in FLAGS:
         data[flag] = post.get(flag) == "on"
+    data["sleep_after_minutes"] = post.get("sleep_after_minutes", "").strip() or None  # blank: never sleeps
+    data["requests_per_minute"] = post.get("requests_per_minute", "").strip() or None  # blank: no limit
     return data
 
 
@@ -74,7 +76,8 @@ def form_values(data: dict | Model | None) -> dict:
                 "cpu_offloading": True, "distributed_inference_across_workers": True, "restart_on_error": True}
     if isinstance(data, Model):
         data = {f: getattr(data, f) for f in (*TEXT_FIELDS, "source", "replicas", "categories", "placement_strategy",
-                                              "worker_selector", "gpu_selector", "backend_parameters", "env", *FLAGS)}
+                                              "worker_selector", "gpu_selector", "backend_parameters", "env", *FLAGS,
+                                              "sleep_after_minutes", "requests_per_minute")}
     gpu_ids = (data.get("gpu_selector") or {}).get("gpu_ids") or []
     return {**{f: data.get(f, "") for f in TEXT_FIELDS}, **{f: bool(data.get(f)) for f in FLAGS},
             "source": data.get("source") or SourceChoices.HUGGINGFACE, "replicas": data.get("replicas", 1),
@@ -83,4 +86,6 @@ def form_values(data: dict | Model | None) -> dict:
             "selector_rows": list((data.get("worker_selector") or {}).items()) or [("", "")],
             "param_rows": parameter_rows(list(data.get("backend_parameters") or [])) or [("", "")],
             "env_rows": list((data.get("env") or {}).items()) or [("", "")],
+            "sleep_after_minutes": data.get("sleep_after_minutes") or "",
+            "requests_per_minute": data.get("requests_per_minute") or "",
             "all_categories": CategoryChoices.choices}

@@ -124,6 +124,19 @@ def do_wait_for_room_many(instance_ids: list[int], message: str, cause: str = "n
     return _transition(instance_ids, S.PENDING, cause=cause, message=message, from_states=[S.ANALYZING], **fields)
 
 
+def do_note_room_made(instance: ModelInstance, message: str) -> bool:
+    """Idle models were put to sleep to make room for this waiting instance (AIMIND_EVICT_IDLE_MODELS): its message
+    and its history say which; it stays pending, and the next pass places it."""
+    now = timezone.now()
+    with transaction.atomic():
+        if not ModelInstance.objects.select_for_update().filter(pk=instance.pk, state=S.PENDING).update(
+                state_message=message[:2000], updated_at=now):
+            return False
+        _insert_events([(instance.pk, S.PENDING)], S.PENDING, "made_room", message, now)
+    logger.info("instance %s: %s", instance.name, message)
+    return True
+
+
 def do_place(instance: ModelInstance, message: str, **placement) -> bool:
     """The scheduler chose a worker (and GPUs, a claim, a backend version) for the instance."""
     return bool(_transition(instance, S.SCHEDULED, cause="placed", message=message, from_states=[S.ANALYZING],
@@ -400,10 +413,11 @@ def do_lose_parts(worker_name: str, worker_id: int) -> list[int]:
 
 # Lost, removed and stuck.
 
-def do_mark_unreachable(worker_name: str) -> list[int]:
-    """The worker went silent: what it ran is shown unreachable (a permanent error stays as it is)."""
+def do_mark_unreachable(worker_name: str, keep: Iterable[int] = ()) -> list[int]:
+    """The worker went silent: what it ran is shown unreachable (a permanent error stays as it is), except the
+    instances in `keep` (their backends still answer the server's health probe)."""
     ids = ModelInstance.objects.filter(worker__name=worker_name).exclude(error_kind=ErrorKind.PERMANENT) \
-        .values_list("pk", flat=True)
+        .exclude(pk__in=list(keep)).values_list("pk", flat=True)
     return _transition(list(ids), S.UNREACHABLE, cause="worker_lost", message=f"worker {worker_name} is not ready",
                        from_states=[*S.on_worker(), S.ERROR])
 

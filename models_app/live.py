@@ -31,9 +31,8 @@ _SHOWN = ("state", "state_message", "download_progress", "restart_count", "next_
 def snapshot() -> dict[int, str]:
     """{model id: a digest of everything its rows show} (stable across processes: the page and the socket may be
     served by different ones)."""
-    shown: dict[int, list] = {pk: [name, replicas, updated, version, description]
-                              for pk, name, replicas, updated, version, description in Model.objects.values_list(
-                                  "id", "name", "replicas", "updated_at", "config_version", "description")}
+    shown: dict[int, list] = {pk: list(rest) for pk, *rest in Model.objects.values_list(
+        "id", "name", "replicas", "updated_at", "config_version", "description", "asleep")}
     for row in ModelInstance.objects.order_by("id").values_list("model_id", "id", *_SHOWN):
         if row[0] in shown:
             shown[row[0]].append(row[1:])

@@ -15,7 +15,8 @@ from models_app.validation import flatten_errors
 FIELDS = ("name", "description", "source", "huggingface_repo_id", "huggingface_filename", "model_scope_model_id",
           "model_scope_file_path", "local_path", "replicas", "categories", "placement_strategy", "worker_selector",
           "gpu_selector", "backend", "backend_version", "backend_parameters", "env", "cpu_offloading",
-          "distributed_inference_across_workers", "restart_on_error")
+          "distributed_inference_across_workers", "restart_on_error", "sleep_after_minutes",
+          "requests_per_minute")
 FORMAT = 1
 
 

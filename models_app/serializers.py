@@ -15,6 +15,8 @@ from workers_app.backends.base import version_problem
 from workers_app.backends.versions import missing_version
 
 GGUF_MAGIC = b"GGUF"
+MAX_REQUESTS_PER_MINUTE = 1_000_000_000
+MAX_SLEEP_AFTER_MINUTES = 60 * 24 * 365  # a year
 
 _REQUIRED_BY_SOURCE = {
     SourceChoices.HUGGINGFACE: ["huggingface_repo_id"],
@@ -62,6 +64,15 @@ class ModelSerializer(serializers.ModelSerializer):
                                                required=False, max_length=256)
     worker_selector = serializers.DictField(child=serializers.CharField(max_length=255), required=False)
     env = serializers.DictField(child=serializers.CharField(allow_blank=True, max_length=32768), required=False)
+    sleep_after_minutes = serializers.IntegerField(
+        min_value=1, max_value=MAX_SLEEP_AFTER_MINUTES, allow_null=True, required=False,
+        help_text="Put the model to sleep (its replicas stop) after this many minutes without requests; a request "
+                  "wakes it. Null: never sleeps.")
+
+    requests_per_minute = serializers.IntegerField(
+        min_value=1, max_value=MAX_REQUESTS_PER_MINUTE, allow_null=True, required=False,
+        help_text="Requests per minute the gateway passes to this model, over all API keys (more: 429). Null: no "
+                  "limit.")
 
     class Meta:
         model = Model
@@ -70,9 +81,10 @@ class ModelSerializer(serializers.ModelSerializer):
             "model_scope_model_id", "model_scope_file_path", "local_path", "replicas", "ready_replicas",
             "categories", "placement_strategy", "worker_selector", "gpu_selector", "backend", "backend_version",
             "backend_parameters", "env", "cpu_offloading", "distributed_inference_across_workers",
-            "restart_on_error", "config_version", "created_at", "updated_at",
+            "restart_on_error", "requests_per_minute", "sleep_after_minutes", "asleep", "last_request_at",
+            "config_version", "created_at", "updated_at",
         ]
-        read_only_fields = ["config_version", "created_at", "updated_at"]
+        read_only_fields = ["asleep", "last_request_at", "config_version", "created_at", "updated_at"]
 
     def validate_name(self, value):
         if Model.objects.filter(name=value).exclude(pk=getattr(self.instance, "pk", None)).exists():

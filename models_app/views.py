@@ -8,9 +8,10 @@ from collections import Counter
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin, UserPassesTestMixin
 from django.db.models import Count, Prefetch, Q
-from django.http import HttpResponse, JsonResponse
+from django.http import Http404, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.defaultfilters import filesizeformat
+from django.utils.dateparse import parse_datetime
 from django.utils.http import content_disposition_header
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy as _lazy
@@ -21,6 +22,7 @@ from models_app import actions
 from models_app.choices import InstanceState, PlacementStrategyChoices, SourceChoices
 from models_app.forms import changed_fields, form_values, model_data_from_post
 from models_app.models import Model, ModelInstance
+from models_app.portable import ImportRefused, export_models, import_models
 from models_app.validation import validate_model
 from workers_app import logs
 from workers_app.backends import all_backends
@@ -69,6 +71,51 @@ class ModelListView(AdminRequiredMixin, TemplateView):
         fingerprints = snapshot()  # first: a change after it makes the live socket send the rows again
         rows = [{**model_row_context(m), "fingerprint": fingerprints.get(m.pk, "")} for m in models_with_instances()]
         return {**super().get_context_data(**kwargs), "rows": rows, "sources": SourceChoices.choices}
+
+
+class ModelExportView(AdminRequiredMixin, View):
+    """Every model's settings as `manage.py export_models` writes them: a file to keep (in git, say) and import after
+    an upgrade. Env values are in it: keep it private."""
+
+    permissions = ("models_app.view_model",)
+
+    def get(self, request):
+        response = HttpResponse(export_models(), content_type="application/yaml; charset=utf-8")
+        response["Content-Disposition"] = content_disposition_header(True, "models.yaml")
+        return response
+
+
+IMPORT_MAX_BYTES = 4 * 1024**2
+
+
+class ModelImportView(AdminRequiredMixin, View):
+    """The same import as `manage.py import_models`, from an uploaded file: models created or updated by name, all or
+    nothing. Done: back to Models with what changed; refused: the Models page again (400) with the reason."""
+
+    permissions = ("models_app.add_model", "models_app.change_model")
+
+    def post(self, request):
+        upload = request.FILES.get("file")
+        try:
+            if upload is None:
+                raise ImportRefused(_("choose a file to import"))
+            if upload.size > IMPORT_MAX_BYTES:
+                raise ImportRefused(_("the file is %(size)s, larger than %(limit)s") % {
+                    "size": filesizeformat(upload.size), "limit": filesizeformat(IMPORT_MAX_BYTES)})
+            try:
+                text = upload.read().decode("utf-8")
+            except UnicodeDecodeError:
+                raise ImportRefused(_("the file is not UTF-8 text")) from None
+            done = import_models(text)
+        except ImportRefused as refused:
+            messages.error(request, _("Import refused, nothing was changed: %(reason)s") % {"reason": refused})
+            page = ModelListView()
+            page.setup(request)
+            return render(request, page.template_name, page.get_context_data(), status=400)
+        counts = {what: f"{len(names)}" + (f" ({', '.join(names)})" if names else "") for what, names in done.items()}
+        messages.success(request, _("Imported %(file)s: created %(created)s, updated %(updated)s, unchanged "
+                                    "%(unchanged)s.") % {"file": upload.name, **counts})
+        return redirect("models")
 
 
 class ModelFormView(AdminRequiredMixin, View):
@@ -188,8 +235,23 @@ class InstanceLogsView(AdminRequiredMixin, TemplateView):
     permissions = ("models_app.view_modelinstance",)
 
     def get_context_data(self, pk: int, **kwargs):
+        """The live log; or with `?attempt=N` one earlier start's own log, as it was kept (no live lines)."""
         instance = get_object_or_404(ModelInstance.objects.select_related("model", "worker"), pk=pk)
-        return {**super().get_context_data(**kwargs), "instance": instance}
+        attempts = [{**a, "started": parse_datetime(a.get("started_at") or "")} for a in logs.attempts(instance.pk)]
+        chosen = chosen_attempt(self.request, attempts)
+        lines = logs.attempt_lines(instance.pk, chosen, logs.STREAM_MAX_LINES) if chosen else None
+        return {**super().get_context_data(**kwargs), "instance": instance, "attempts": attempts, "chosen": chosen,
+                "lines": lines}
+
+
+def chosen_attempt(request, attempts: list[dict]) -> int | None:
+    """The kept attempt `?attempt=N` names (None: the live log; an unknown number is a 404)."""
+    raw = request.GET.get("attempt", "")
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) not in {a["attempt"] for a in attempts}:
+        raise Http404(_("Attempt %(attempt)s is not kept.") % {"attempt": raw})
+    return int(raw)
 
 
 # The words of an instance's timeline: what each recorded cause means to a person (models_app.lifecycle's causes).
@@ -237,7 +299,12 @@ class InstanceLogDownloadView(AdminRequiredMixin, View):
 
     def get(self, request, pk: int):
         instance = get_object_or_404(ModelInstance, pk=pk)
-        lines = logs.last_lines(instance.pk, logs.STREAM_MAX_LINES)
+        chosen = chosen_attempt(request, logs.attempts(instance.pk))
+        if chosen:
+            lines = logs.attempt_lines(instance.pk, chosen, logs.STREAM_MAX_LINES) or []
+        else:
+            lines = logs.last_lines(instance.pk, logs.STREAM_MAX_LINES)
         response = HttpResponse("\n".join(lines) + ("\n" if lines else ""), content_type="text/plain; charset=utf-8")
-        response["Content-Disposition"] = content_disposition_header(True, f"{instance.name}.log")
+        name = f"{instance.name}.attempt-{chosen}.log" if chosen else f"{instance.name}.log"
+        response["Content-Disposition"] = content_disposition_header(True, name)
         return response

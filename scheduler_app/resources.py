@@ -1,4 +1,5 @@
-"""What each worker can still give: total − system_reserved − the claims of instances already placed there."""
+"""What each worker can still give: total − system_reserved − the claims of instances already placed there − on each
+GPU, what processes outside the product use (the worker measures it)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class WorkerResources:
     heartbeat_fresh: bool = True  # judged when the pool was read
     gpu_order: list[int] = field(default_factory=list)  # the GPU indexes, sorted; never mutate
     capacity: int = 0  # ram_total + every GPU's total: the denominator of used_fraction
+    gpu_others: dict[int, int] = field(default_factory=dict)  # VRAM held by processes the product did not start
 
     def __post_init__(self) -> None:
         if not self.gpu_order and self.gpu_total:
@@ -51,6 +53,11 @@ class WorkerResources:
 
     def used_fraction(self) -> float:
         return self.booked / self.capacity if self.capacity else 1.0
+
+    def others_note(self, gpus) -> str:
+        """For a reason about VRAM: how much of those GPUs other processes hold (their memory is not free)."""
+        others = sum(self.gpu_others.get(i, 0) for i in gpus)
+        return f" ({gib(others)} used by other processes)" if others else ""
 
 
 def parse_claim(claim: dict) -> tuple[int, tuple[tuple[int, int], ...]]:
@@ -83,6 +90,7 @@ class WorkerShape:
     gpu_total: dict[int, int]
     gpu_order: list[int]
     capacity: int
+    gpu_others: dict[int, int]  # per GPU: bytes that processes outside the product hold (the worker's report)
 
     @classmethod
     def of(cls, status: dict, system_reserved: dict | None) -> WorkerShape:
@@ -92,17 +100,21 @@ class WorkerShape:
                      for n, g in enumerate(status.get("gpus") or [])}
         ram = int((status.get("memory") or {}).get("total") or 0)
         ram_total = max(0, ram - int(reserved.get("ram") or 0))
-        return cls(ram_total, gpu_total, sorted(gpu_total), ram_total + sum(gpu_total.values()))
+        others = {int(g.get("index", n)): int((g.get("memory") or {}).get("used_by_others") or 0)
+                  for n, g in enumerate(status.get("gpus") or [])}
+        return cls(ram_total, gpu_total, sorted(gpu_total), ram_total + sum(gpu_total.values()),
+                   {i: size for i, size in others.items() if size > 0})
 
 
 def worker_resources(worker: Worker, shape: WorkerShape, placed: ClaimTotals | None,
                      heartbeat_fresh: bool) -> WorkerResources:
-    """The worker's shape less its placed claims, added up (the same sums as booking them one by one)."""
-    gpu_free = dict(shape.gpu_total)
+    """The worker's shape less its placed claims, added up (the same sums as booking them one by one), and less what
+    other processes hold on its GPUs."""
+    gpu_free = {i: total - shape.gpu_others.get(i, 0) for i, total in shape.gpu_total.items()}
     gpu_instance_count = dict.fromkeys(gpu_free, 0)
     res = WorkerResources(worker, ram_total=shape.ram_total, ram_free=shape.ram_total, gpu_total=dict(shape.gpu_total),
                           gpu_free=gpu_free, gpu_instance_count=gpu_instance_count, heartbeat_fresh=heartbeat_fresh,
-                          gpu_order=shape.gpu_order, capacity=shape.capacity)
+                          gpu_order=shape.gpu_order, capacity=shape.capacity, gpu_others=shape.gpu_others)
     if placed is not None:
         res.instance_count = placed.count
         res.ram_free -= placed.ram

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.db import transaction
 
 from aimind import metrics
@@ -27,6 +28,7 @@ from models_app.lifecycle import (
 )
 from models_app.models import Model, ModelInstance
 from scheduler_app.estimate import EstimateError, ModelEstimate, estimate_model
+from scheduler_app.eviction import make_room
 from scheduler_app.pool import build_pool, read_pool
 from scheduler_app.resources import WorkerResources
 from scheduler_app.selectors.common import distributed_servers_for
@@ -112,8 +114,9 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
     with collector_paused():
         instances = _claim_for_analysis(instance_ids)
         outcome: dict[int, str] = {}
+        estimates = _estimates(instances)
         try:
-            _place_all(instances, _estimates(instances), outcome)
+            _place_all(instances, estimates, outcome)
         finally:
             for instance in instances:
                 if instance.pk not in outcome:
@@ -121,7 +124,18 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
     if instances:
         metrics.note_scheduler_pass(time.perf_counter() - began,
                                     sum(state == InstanceState.SCHEDULED for state in outcome.values()))
+    if settings.EVICT_IDLE_MODELS:
+        _make_room([(i, estimates[i.model_id]) for i in instances if outcome.get(i.pk) == InstanceState.PENDING
+                    and isinstance(estimates.get(i.model_id), ModelEstimate)])
     return outcome
+
+
+def _make_room(waiting: list[tuple[ModelInstance, ModelEstimate]]) -> None:
+    """Instances left waiting for room: idle models may be put to sleep for them (scheduler_app.eviction)."""
+    try:
+        make_room(waiting)
+    except Exception:  # the pass itself is done and written; making room is tried again on the next one
+        logger.exception("making room for waiting instances failed")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 from celery import shared_task
 
+from models_app.actions import do_sleep_idle_models
 from models_app.lifecycle import do_prune_events, do_sweep_stuck
 from scheduler_app.scheduler import pending_instance_ids, schedule_instances
 
@@ -26,3 +27,9 @@ def sweep_stuck_instances() -> dict[str, int]:
 @shared_task(name="scheduler_app.tasks.prune_instance_events", ignore_result=True)
 def prune_instance_events() -> int:
     return do_prune_events()
+
+
+@shared_task(name="scheduler_app.tasks.sleep_idle_models", ignore_result=True)
+def sleep_idle_models() -> list[str]:
+    """Beat: models idle for their `sleep_after_minutes` are put to sleep (their replicas stop)."""
+    return do_sleep_idle_models()

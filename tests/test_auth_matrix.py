@@ -31,10 +31,13 @@ RULES = {
     r"^api/v1/sources/<str:hub>/files$": "api", r"^api/schema/$": "schema", r"^api/docs/$": "schema",
     r"^v1/models$": "gateway", r"^v1/(?P<route>": "gateway-post",
     r"^$": "page", r"^models/deploy/$": "page", r"^models/evaluate/$": "page-post",
+    r"^models/export/$": "page", r"^models/import/$": "page-post",
     r"^models/<int:pk>/edit/$": "page", r"^models/(?P<pk>": "page-post", r"^instances/<int:pk>/delete/$": "page-post",
     r"^instances/<int:pk>/logs/$": "page", r"^instances/<int:pk>/logs/download$": "page",
     r"^resources/$": "page", r"^resources/workers/<int:pk>/edit/$": "page", r"^instances/<int:pk>/$": "page",
     r"^dashboard/$": "page", r"^metrics$": "metrics",
+    r"^keys/$": "page", r"^keys/new/$": "page", r"^keys/<int:pk>/edit/$": "page",
+    r"^keys/<int:pk>/revoke/$": "page-post",
     r"^api/v1/workers/<int:pk>/assignments$": "worker", r"^api/v1/workers/<int:pk>/reports$": "worker-post",
 }
 ROUTER_KINDS = {"models": "api", "instances": "api", "workers": "api", "keys": "api"}

@@ -69,11 +69,15 @@ def _worker_sources(target: str) -> list[str]:
     return [state for state, targets in WORKER_TRANSITIONS.items() if target in targets]
 
 
-def do_mark_worker_not_ready(worker: Worker, silent_since) -> bool:
-    """Silent since before `silent_since`: not ready (only if it still is ready and still silent)."""
+def do_mark_worker_not_ready(worker: Worker, silent_since, still_serving: int = 0) -> bool:
+    """Silent since before `silent_since`: not ready (only if it still is ready and still silent). `still_serving`:
+    how many of its backends still answer the server's health probe (they keep running)."""
+    message = f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"
+    if still_serving:
+        message += (f"; {still_serving} of its backends still answer the server's health probe and keep serving "
+                    f"(nothing is moved while they do)")
     return bool(Worker.objects.filter(pk=worker.pk, state=WorkerState.READY, last_heartbeat_at__lt=silent_since).update(
-        state=WorkerState.NOT_READY, updated_at=timezone.now(),
-        state_message=f"no heartbeat since {worker.last_heartbeat_at:%Y-%m-%d %H:%M:%S} UTC"))
+        state=WorkerState.NOT_READY, updated_at=timezone.now(), state_message=message))
 
 
 @transaction.atomic

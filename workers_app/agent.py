@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import secrets
+import os
 import shutil
 import socket
 import tempfile
@@ -20,12 +20,10 @@ from pathlib import Path
 import httpx
 from django.conf import settings
 
-from models_app.choices import InstanceState, SourceChoices
-from models_app.sources import SourceError
-from models_app.sources.base import DownloadCancelled, cancellable
-from workers_app import downloads, inventory, logs, measure, processes
+from models_app.choices import InstanceState
+from workers_app import inventory, logs, measure, processes
 from workers_app.backends import get_backend
-from workers_app.backends.base import Backend, BackendError, Installation, LaunchSpec, distributed_master_port
+from workers_app.launching import Launching
 from workers_app.parts import PartRunner
 from workers_app.processes import BackendProcess
 from workers_app.server_link import Assignment, NameTaken, ServerLink, ServerUnreachable
@@ -34,12 +32,9 @@ logger = logging.getLogger(__name__)
 S = InstanceState
 
 HEALTH_FAILURES_BEFORE_ERROR = 3
-INSTALL_PROGRESS_SECONDS = 1.0
 ALIVE_NOTE_SECONDS = 30.0  # an install's progress reaches the instance at most this often
-PREPARING_STATES = [S.SCHEDULED, S.DOWNLOADING, S.INITIALIZING, S.STARTING]
 RUNNING_STATES = (S.STARTING, S.RUNNING, S.UNREACHABLE)  # a backend process belongs to the instance
 STARTING_POLL_SECONDS = 0.05  # a starting backend is polled fast: deploy-to-running latency is a product goal
-PARTS_POLL_SECONDS = 0.2
 UNKNOWN_CLAIM_MESSAGE = ("resource claim unknown: the server could not read the model's metadata, so no memory "
                          "was booked for it")
 _current: NodeAgent | None = None
@@ -51,7 +46,7 @@ def current_agent() -> NodeAgent:
     return _current
 
 
-class NodeAgent:
+class NodeAgent(Launching):
     def __init__(self, *, name: str, server_url: str, token: str, ip: str, data_dir: Path, labels: dict | None = None,
                  system_reserved: dict | None = None, link: ServerLink | None = None):
         self.name = name
@@ -93,7 +88,7 @@ class NodeAgent:
 
     def registration(self) -> dict:
         body = {"name": self.name, "hostname": socket.gethostname(), "ip": self.ip, "labels": self.labels,
-                "status": inventory.system_status()}
+                "status": self.status()[0]}
         if self.system_reserved:
             body["system_reserved"] = self.system_reserved
         return body
@@ -147,10 +142,11 @@ class NodeAgent:
             if processes.is_same_process(record) and adoptable:
                 log_path = self._log_path(instance.pk)
                 proc = BackendProcess(instance.pk, None, record["pid"], record["port"], self.ip, log_path,
-                                      time.monotonic(), healthy_once=instance.state != S.STARTING, adopted=True)
+                                      time.monotonic(), healthy_once=instance.state != S.STARTING, adopted=True,
+                                      attempt=int(record.get("attempt") or 0))
                 self.processes[instance.pk] = proc
                 if self.shipper is not None:
-                    self.shipper.start_at_end(instance.pk, log_path)
+                    self.shipper.start_at_end(instance.pk, log_path, proc.attempt)
                 logger.info("adopted running backend pid %s of instance %s", record["pid"], instance.name)
                 continue
             if processes.is_same_process(record):
@@ -172,15 +168,23 @@ class NodeAgent:
             if assignment.role == "main" and assignment.state == S.SCHEDULED:
                 self.launch(assignment.pk)
 
-    def heartbeat(self) -> None:
+    def status(self) -> tuple[dict, dict]:
+        """The inventory (with what processes outside the product hold on each GPU) and what each backend uses."""
         with self.lock:
             running = {pk: proc.pid for pk, proc in self.processes.items()}
+        # The product's processes: this worker and its children, and what it adopted or left (the pidfiles).
+        product = [os.getpid(), *(r["pid"] for r in processes.recorded_processes(self.data_dir)
+                                  if processes.is_same_process(r))]
         try:
-            measured = measure.measure(running)
+            measured, others = measure.sample(running, product)
         except Exception:  # a measurement must never cost the heartbeat
             logger.exception("could not measure the backends' memory")
-            measured = {}
-        if not self.link.heartbeat(inventory.system_status(), measured):  # deleted, or not ours: join again
+            measured, others = {}, None
+        return inventory.system_status(used_by_others=others), measured
+
+    def heartbeat(self) -> None:
+        status, measured = self.status()
+        if not self.link.heartbeat(status, measured):  # deleted, or not ours: join again
             self.link.register(self.registration())
 
     def _heartbeat_loop(self) -> None:
@@ -238,184 +242,13 @@ class NodeAgent:
         self.view_read_at = 0.0
         self.wake.set()
 
-    # Launching.
-
-    def launch(self, instance_id: int) -> None:
-        """Prepare and start the backend of a scheduled instance, in a thread of its own: a download or an install
-        takes minutes, and the agent keeps supervising its other backends meanwhile. Never two for one instance."""
-        with self.lock:
-            if instance_id in self.processes or instance_id in self.preparing or self.stopping.is_set():
-                return
-            self.preparing.add(instance_id)
-        try:
-            instance = self.link.assignment(instance_id)
-        except ServerUnreachable as exc:
-            logger.warning("instance %s: cannot read it from the server (%s); trying again later", instance_id, exc)
-            instance = None
-        if instance is None or instance.role != "main" or instance.state != S.SCHEDULED:
-            with self.lock:
-                self.preparing.discard(instance_id)
-            if instance is not None:
-                self.parts.wake()  # a part of it may be ours
-            return
-        threading.Thread(target=self._prepare_and_start, args=(instance,), daemon=True,
-                         name=f"prepare-{instance_id}").start()
-
-    def _prepare_and_start(self, instance: Assignment) -> None:
-        try:
-            self._prepare_and_start_unguarded(instance)
-        except BackendError as exc:
-            self._failed_to_start(instance, str(exc), exc.permanent)
-        except Exception as exc:  # never leave an instance preparing for ever
-            logger.exception("instance %s: could not be started", instance.name)
-            self._failed_to_start(instance, f"{type(exc).__name__}: {exc}", permanent=False)
-        finally:
-            with self.lock:
-                self.preparing.discard(instance.pk)
-
-    def _failed_to_start(self, instance: Assignment, message: str, permanent: bool) -> None:
-        with self.lock:
-            started = instance.pk in self.processes
-        if started:
-            self.stop_instance(instance.pk)
-        self._report("failed", instance.pk, message=message, permanent=permanent, from_states=PREPARING_STATES)
-        with self.lock:  # only now: the supervisor must not call it "not running" before the real cause is told
-            self.preparing.discard(instance.pk)
-        self.wake.set()  # a restart due at once starts now, not at the next check
-
-    def _prepare_and_start_unguarded(self, instance: Assignment) -> None:
-        model = instance.model
-        backend = get_backend(instance.backend or model.backend or "llama-box")
-        version = instance.backend_version or model.backend_version or backend.default_version
-        if model.source == SourceChoices.LOCAL_PATH:
-            model_path = backend.resolve_model_path(Path(model.local_path))  # before a long install, not after
-        else:
-            downloaded = self._download(instance)
-            if downloaded is None:
-                return
-            model_path = backend.resolve_model_path(downloaded)
-        installation = self._installation(instance, backend, version)
-        if installation is None:
-            return
-        rpc_servers = self._wait_for_parts(instance) if instance.distributed_servers else []
-        if rpc_servers is None:
-            return
-        with self.lock:
-            key = secrets.token_urlsafe(24) if backend.api_key_env else ""
-            if self.stopping.is_set() or not self._report("starting", instance.pk, backend=backend.name,
-                                                          backend_version=installation.version,
-                                                          backend_api_key=key):
-                return
-            current = self.view.get(instance.pk) or instance  # the placement as it is now
-            proc = self._start_backend(current, backend, installation, model_path, key, rpc_servers)
-            self.processes[instance.pk] = proc
-            processes.write_pidfile(self.data_dir, proc, self.name)
-            # Under the lock: the supervisor must not see it healthy (and running) before it has its port.
-            self._report("process", instance.pk, pid=proc.pid, port=proc.port)
-
-    def _download(self, instance: Assignment) -> Path | None:
-        if not self._report("download_started", instance.pk):
-            return None
-        gone = threading.Event()  # the instance was deleted (or moved on): the download stops
-
-        def progress(percent: float) -> None:
-            if not self._report("download_progress", instance.pk, percent=round(percent, 1)):
-                gone.set()
-
-        try:
-            with cancellable(lambda: gone.is_set() or self.stopping.is_set()):
-                path = downloads.download(instance.model, progress)
-        except DownloadCancelled:
-            logger.info("instance %s: download stopped, the instance is gone", instance.name)
-            return None
-        except (SourceError, OSError) as exc:  # the hub's reason; retried with backoff like any error
-            raise BackendError(f"download failed: {exc}") from exc
-        return path if self._report("downloaded", instance.pk, path=str(path)) else None
-
-    def _installation(self, instance: Assignment, backend: Backend, version: str) -> Installation | None:
-        """The backend version this instance needs, installed first if this node does not have it (the instance
-        shows `initializing` with the installer's progress meanwhile)."""
-        variant = backend.variant(self.node)
-        found = backend.find(version, variant)
-        if found is not None:
-            return found
-        ok, reason = backend.installable(self.node)
-        if not ok:
-            raise BackendError(f"{backend.name} cannot run on worker {self.name}: {reason}", permanent=True)
-        what = f"installing {backend.name} {version}" + (f" ({variant})" if variant else "")
-        if not self._report("install_started", instance.pk, message=f"{what}: starting"):
-            return None
-        last = [0.0]
-
-        def progress(line: str) -> None:
-            now = time.monotonic()
-            if now - last[0] >= INSTALL_PROGRESS_SECONDS:
-                last[0] = now
-                self._report("preparing", instance.pk,
-                             message=line if line.startswith("installing") else f"{what}: {line}")
-
-        logger.info("instance %s: %s", instance.name, what)
-        return backend.install(version, variant, progress)
-
-    def _wait_for_parts(self, instance: Assignment) -> list[str] | None:
-        """A distributed instance starts only when every part's RPC server answers: their addresses, in order.
-        None when the instance moved on meanwhile; a BackendError when the parts do not come in time."""
-        deadline = time.monotonic() + settings.BACKEND_START_TIMEOUT
-        self._report("preparing", instance.pk, message=f"waiting for {len(instance.distributed_servers)} RPC "
-                                                       f"server(s) on other workers")
-        while not self.stopping.is_set():
-            try:
-                current = self.link.assignment(instance.pk)
-            except ServerUnreachable:
-                current = instance
-            if current is None or current.role != "main" or current.state not in PREPARING_STATES:
-                return None
-            parts = current.distributed_servers
-            if parts and all(p.get("state") == "ready" and p.get("port") for p in parts):
-                return [f"{p['host']}:{p['port']}" for p in parts]
-            if time.monotonic() > deadline:
-                waiting = ", ".join(f"{p.get('worker_name')}" for p in parts if p.get("state") != "ready")
-                raise BackendError(f"RPC servers on {waiting} did not start within "
-                                   f"{settings.BACKEND_START_TIMEOUT:.0f} s")
-            self.stopping.wait(PARTS_POLL_SECONDS)
-        return None
-
-    def _log_path(self, instance_id: int) -> Path:
-        return self.data_dir / "logs" / "instances" / f"{instance_id}.log"
-
-    def _start_backend(self, instance: Assignment, backend: Backend, installation: Installation, model_path: Path,
-                       api_key: str, rpc_servers: list[str]) -> BackendProcess:
-        model = instance.model
-        taken = {p.port for p in self.processes.values()} | self.parts.ports()
-        port = processes.free_port(self.ip, *settings.BACKEND_PORT_RANGE, taken)
-        work_dir = self.data_dir / "work" / str(instance.pk)
-        work_dir.mkdir(parents=True, exist_ok=True)
-        tmp_dir = self.tmp_root / str(instance.pk)
-        spec = LaunchSpec(model_name=model.name, model_path=model_path, host=self.ip, port=port,
-                          categories=list(model.categories or []), gpu_indexes=list(instance.gpu_indexes or []),
-                          claim=dict(instance.computed_resource_claim or {}),
-                          backend_parameters=list(model.backend_parameters or []), env=dict(model.env or {}),
-                          installation=installation, work_dir=work_dir, tmp_dir=tmp_dir, api_key=api_key,
-                          rpc_servers=rpc_servers if backend.part_listens else [],
-                          master_port=distributed_master_port(
-                              instance.pk, int(instance.distributed_servers[0].get("attempt") or 0))
-                          if instance.distributed_servers else 0)
-        cmd = backend.command(spec)
-        log_path = self._log_path(instance.pk)
-        if self.shipper is not None:
-            self.shipper.start_at_end(instance.pk, log_path)
-        popen = processes.start(cmd, env=backend.environment(spec), log_path=log_path)
-        logger.info("instance %s: started %s %s, pid %s on port %s", instance.name, backend.name,
-                    installation.version, popen.pid, port)
-        return BackendProcess(instance.pk, popen, popen.pid, port, self.ip, log_path, time.monotonic())
-
     def stop_instance(self, instance_id: int) -> None:
         with self.lock:
             proc = self.processes.pop(instance_id, None)
         if proc is not None:
             processes.terminate_group(proc.pid, proc.popen)
             processes.remove_pidfile(self.data_dir, instance_id)
-            self._ship(proc)
+            self._close_log(proc, proc.popen.returncode if proc.popen else None, "stopped")
             logger.info("instance %s: backend pid %s ended", instance_id, proc.pid)
         self.parts.wake()
         try:
@@ -436,6 +269,12 @@ class NodeAgent:
             self.shipper.ship(proc.instance_id, proc.log_path)
         except (OSError, logs.redis.RedisError) as exc:
             logger.warning("could not ship the log of instance %s: %s", proc.instance_id, exc)
+
+    def _close_log(self, proc: BackendProcess, exit_code: int | None, how: str) -> None:
+        """The backend ended: its last lines shipped, and its attempt's record says when and how."""
+        self._ship(proc)
+        logs.end_attempt(proc.instance_id, proc.log_path, proc.attempt, exit_code, how,
+                         self.shipper.conn if self.shipper else None)
 
     def _ship_loop(self) -> None:
         """New log lines reach Redis within a fraction of a second (the WebSocket promises < 1 s)."""
@@ -528,14 +367,14 @@ class NodeAgent:
         with self.lock:
             self.processes.pop(instance.pk, None)
         processes.remove_pidfile(self.data_dir, instance.pk)
-        self._ship(proc)  # the last lines usually say why it died
+        # An adopted process is not this agent's child: how it ended is not known, only that it did.
+        exited = "exited" if proc.adopted else processes.describe_exit(returncode)
+        self._close_log(proc, None if proc.adopted else returncode, exited)  # the last lines usually say why
         backend = get_backend(instance.backend or instance.model.backend or "llama-box")
         lines = processes.tail_lines(proc.log_path)
         cause = backend.error_from_log(lines)
         permanent = backend.exit_is_permanent(returncode, lines, proc.healthy_once) and not proc.adopted
         when = "" if proc.healthy_once or not permanent else " before it was ready"
-        # An adopted process is not this agent's child: how it ended is not known, only that it did.
-        exited = "exited" if proc.adopted else processes.describe_exit(returncode)
         message = f"backend {exited}{when}" + (f": {cause}" if cause else "")
         self._report("failed", instance.pk, message=message, permanent=permanent, from_states=list(RUNNING_STATES))
 
@@ -581,7 +420,7 @@ class NodeAgent:
         for proc in owned:
             processes.terminate_group(proc.pid, proc.popen)
             processes.remove_pidfile(self.data_dir, proc.instance_id)
-            self._ship(proc)
+            self._close_log(proc, proc.popen.returncode if proc.popen else None, "stopped")
         self.parts.stop_all()
         if self.worker_id is not None and (owned or preparing):
             # Running or still downloading / installing: all start again when this worker returns.

@@ -75,9 +75,14 @@ def backend_capabilities(node: NodeInfo) -> dict[str, dict]:
     return {backend.name: backend.capability(node) for backend in all_backends()}
 
 
-def system_status() -> dict:
+def system_status(used_by_others: dict[int, int] | None = None) -> dict:
+    """The inventory a worker reports. `used_by_others`: per GPU index, the bytes held by processes outside the
+    product (workers_app.measure.sample), reported as each GPU's `memory.used_by_others`."""
     memory = psutil.virtual_memory()
     gpus = nvidia_gpus()
+    for gpu in gpus:
+        if used_by_others is not None and gpu["index"] in used_by_others:
+            gpu["memory"]["used_by_others"] = int(used_by_others[gpu["index"]])
     return {
         # Utilization since the previous report (the first one reads 0): the Resources page shows it as a bar.
         "cpu": {"total": psutil.cpu_count(logical=True) or 1, "utilization": round(psutil.cpu_percent(interval=None))},

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import psutil
 
@@ -79,7 +80,22 @@ def measure(backends: dict[int, int], nvml=None) -> dict[str, dict]:
     backends given as {instance id: process id}; a backend whose process is gone is left out."""
     if not backends:
         return {}
+    return _measure(backends, gpu_memory_by_pid(nvml))
+
+
+def sample(backends: dict[int, int], product_pids: Iterable[int], nvml=None) -> tuple[dict[str, dict], dict[int, int]]:
+    """One reading for a heartbeat: what each backend uses (as `measure`), and per GPU index the bytes held by
+    processes outside the product — neither one of `product_pids` (the worker, its backends and RPC servers) nor a
+    descendant of one. The scheduler takes those off the GPU's free memory: a shared GPU is not over-committed."""
     gpus = gpu_memory_by_pid(nvml)
+    ours = set()
+    for pid in {*product_pids, *backends.values()}:
+        ours |= tree_pids(pid)
+    others = {index: sum(size for pid, size in used.items() if pid not in ours) for index, used in gpus.items()}
+    return (_measure(backends, gpus) if backends else {}), others
+
+
+def _measure(backends: dict[int, int], gpus: dict[int, dict[int, int]]) -> dict[str, dict]:
     now = round(time.time(), 3)
     measured = {}
     for instance_id, pid in backends.items():

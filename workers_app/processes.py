@@ -29,6 +29,7 @@ class BackendProcess:
     health_failures: int = 0
     healthy_once: bool = False
     adopted: bool = False  # started by a previous run of this worker's agent: not our child
+    attempt: int = 0  # which start of the instance this is (its log is kept under this number; 0: not counted)
 
     def poll(self) -> int | None:
         if self.popen is not None:

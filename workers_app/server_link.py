@@ -68,9 +68,13 @@ class Assignment:
 
 
 class ServerLink:
+    """`server_url`: the server's base URL, or several separated by commas (servers running side by side on one
+    database): a call that cannot reach one, or gets a 5xx from it, is asked of the next, which is kept from then on."""
+
     def __init__(self, server_url: str, token: str, credential_path: Path, timeout: float = 5.0,
                  transport: httpx.BaseTransport | None = None):
-        self.server_url = server_url.rstrip("/")
+        self.server_urls = [url.strip().rstrip("/") for url in server_url.split(",") if url.strip()]
+        self.server_url = self.server_urls[0]
         self.credential_path = credential_path
         self.worker_id: int | None = None
         self.http = httpx.Client(timeout=timeout, headers={"Authorization": f"Bearer {token}"}, transport=transport)
@@ -85,14 +89,21 @@ class ServerLink:
             return {}
 
     def _call(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            response = self.http.request(method, f"{self.server_url}{path}", headers=self._credential_headers(),
-                                         **kwargs)
-        except httpx.HTTPError as exc:
-            raise ServerUnreachable(f"{self.server_url}: {exc}") from exc
-        if response.status_code >= 500:
-            raise ServerUnreachable(f"{self.server_url}{path} answered {response.status_code}")
-        return response
+        problems = []
+        for url in [self.server_url, *(u for u in self.server_urls if u != self.server_url)]:
+            try:
+                response = self.http.request(method, f"{url}{path}", headers=self._credential_headers(), **kwargs)
+            except httpx.HTTPError as exc:
+                problems.append(f"{url}: {exc}")
+                continue
+            if response.status_code >= 500:
+                problems.append(f"{url}{path} answered {response.status_code}")
+                continue
+            if url != self.server_url:
+                logger.warning("server %s failed (%s); talking to %s from now on", self.server_url, problems[0], url)
+                self.server_url = url
+            return response
+        raise ServerUnreachable("; ".join(problems))
 
     def register(self, body: dict) -> dict:
         """Join (or join again); keeps the credential the server issues. Returns the server's answer."""

@@ -13,6 +13,7 @@ from models_app.models import ModelInstance
 from workers_app.actions import do_mark_worker_not_ready
 from workers_app.choices import WorkerState
 from workers_app.models import Worker
+from workers_app.probes import answering_instances
 
 
 @shared_task(name="workers_app.tasks.launch_instance", ignore_result=True)
@@ -49,18 +50,26 @@ def stop_instance(instance_id: int) -> None:
 
 @shared_task(name="workers_app.tasks.mark_stale_workers", ignore_result=True)
 def mark_stale_workers() -> int:
-    """Workers silent for longer than WORKER_STALE_AFTER become not_ready and their instances unreachable; on the
-    next run, instances still unreachable on a worker still not ready are placed elsewhere."""
+    """Workers silent for longer than WORKER_STALE_AFTER become not_ready. Of their instances, those whose backends
+    still answer the server's own health probe keep running (the gateway keeps sending them requests); the others
+    become unreachable and, on the next run, if still unreachable on a worker still not ready, are placed elsewhere.
+    Each run looks again: a kept backend that stops answering is lost then."""
     for worker_name, ids in _still_lost().items():
         do_move_off_lost_worker(worker_name, ids)
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_STALE_AFTER)
-    stale = list(Worker.objects.filter(state=WorkerState.READY, last_heartbeat_at__lt=cutoff))
-    for worker in stale:
+    silent = list(Worker.objects.filter(last_heartbeat_at__lt=cutoff))
+    if not silent:
+        return 0
+    serving = answering_instances([worker.pk for worker in silent])
+    for worker in silent:
         with transaction.atomic():
-            if do_mark_worker_not_ready(worker, cutoff):
-                do_mark_unreachable(worker.name)
+            if not Worker.objects.select_for_update().filter(pk=worker.pk, last_heartbeat_at__lt=cutoff).exists():
+                continue  # a heartbeat came in meanwhile
+            kept = ModelInstance.objects.filter(worker=worker, pk__in=serving).count()
+            if do_mark_worker_not_ready(worker, cutoff, still_serving=kept):
                 do_lose_parts(worker.name, worker.pk)
-    return len(stale)
+            do_mark_unreachable(worker.name, keep=serving)
+    return len(silent)
 
 
 def _still_lost() -> dict[str, list[int]]:

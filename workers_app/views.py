@@ -34,9 +34,12 @@ def worker_rows(workers: list[Worker]) -> list[dict]:
             memory_of_gpu = gpu.get("memory") or {}
             total, used = int(memory_of_gpu.get("total") or 0), int(memory_of_gpu.get("used") or 0)
             index = int(gpu.get("index", 0))
+            others = res.gpu_others.get(index, 0)
             gpus.append({"index": index, "name": gpu.get("name", ""), "total": total, "used": used,
                          "percent": share(used, total), "claimed": res.gpu_total.get(index, 0)
-                         - res.gpu_free.get(index, 0), "free": res.gpu_free.get(index, 0)})
+                         - res.gpu_free.get(index, 0) - others, "free": res.gpu_free.get(index, 0),
+                         "others": others, "others_percent": share(min(others, used), total),
+                         "own_percent": max(0, share(used, total) - share(min(others, used), total))})
         ram_total, ram_used = int(memory.get("total") or 0), int(memory.get("used") or 0)
         cpu = worker.status.get("cpu") or {}
         rows.append({"worker": worker, "cpu_percent": max(0, min(100, int(cpu.get("utilization") or 0))),

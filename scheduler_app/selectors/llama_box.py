@@ -48,8 +48,9 @@ def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], re
         elif fitting is None:
             reasons.add(res.worker.name, f"needs {gib(ram)} RAM, has {gib(res.ram_free)} free")
         else:
+            roomiest = max(gpus, key=lambda i: free[i])
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "
-                                         f"{gib(max(free[i] for i in gpus))}")
+                                         f"{gib(free[roomiest])}{res.others_note([roomiest])}")
     return found
 
 
@@ -75,8 +76,9 @@ def multi_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], rea
                 break
         else:
             total_need = sum(est.claim(offload_layers=est.total_layers, gpu_count=1).vram.values())
+            free = sum(max(res.gpu_free[i], 0) for i in gpus)
             reasons.add(res.worker.name, f"needs about {gib(total_need)} VRAM across {len(gpus)} GPUs, has "
-                                         f"{gib(sum(max(res.gpu_free[i], 0) for i in gpus))} free")
+                                         f"{gib(free)} free{res.others_note(gpus)}")
     return found
 
 

@@ -154,10 +154,12 @@ def _shortfall(group: list[_Worker], costs: SplitCosts, why: str) -> str:
     on_gpus = bool(group[0].gpus)
     kind, memory = ("GPU", "VRAM") if on_gpus else ("CPU", "RAM")
     free = sum(w.free for w in group)
+    others = sum(w.res.gpu_others.get(i, 0) for w in group for i in w.gpus)
+    note = f" ({gib(others)} used by other processes)" if others else ""
     if why:
-        return f"across {len(group)} {kind} workers ({gib(free)} {memory} free): {why}"
+        return f"across {len(group)} {kind} workers ({gib(free)} {memory} free{note}): {why}"
     need = _least_need(costs, on_gpus, len(group), sum(len(w.gpus) for w in group))
-    return f"across {len(group)} {kind} workers needs {gib(need)} {memory}, they have {gib(free)} free"
+    return f"across {len(group)} {kind} workers needs {gib(need)} {memory}, they have {gib(free)} free{note}"
 
 
 def _first_fit(group: list[_Worker], costs: SplitCosts, est: ModelEstimate) -> Candidate | str:

@@ -67,10 +67,11 @@ def gpus_on_one_worker(model: Model, est: ModelEstimate, pool: list[WorkerResour
                 break
         else:
             largest = max(res.gpu_total[i] for i in gpus)
+            roomiest = max(gpus, key=lambda i: res.gpu_free[i])
             need = hf.needed_per_gpu(est.hf, est.params, 1) if est.hf else 0
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU (or split by tensor parallelism) within "
                                          f"{share:g} of each GPU; largest GPU is {gib(largest)}, free "
-                                         f"{gib(max(res.gpu_free[i] for i in gpus))}")
+                                         f"{gib(res.gpu_free[roomiest])}{res.others_note([roomiest])}")
     return found
 
 

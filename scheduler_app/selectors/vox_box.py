@@ -22,8 +22,9 @@ def one_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reaso
         found += [Candidate(res, [i], partial(make_claim, ram=0, vram={i: need}, unknown=not est.known))
                   for i in fitting]
         if gpus and not fitting:
+            roomiest = max(gpus, key=lambda i: res.gpu_free[i])
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "
-                                         f"{gib(max(res.gpu_free[i] for i in gpus))}")
+                                         f"{gib(res.gpu_free[roomiest])}{res.others_note([roomiest])}")
     return found
 
 

@@ -31,6 +31,12 @@
       const question = event.target.dataset.confirm;
       if (question && !window.confirm(question)) event.preventDefault();
     }, true);
+    $$("[data-copy]").forEach((button) => button.addEventListener("click", () => {  // a new key's Copy button
+      const field = document.getElementById(button.dataset.copy);
+      field.select();
+      if (navigator.clipboard) navigator.clipboard.writeText(field.value).catch(() => document.execCommand("copy"));
+      else document.execCommand("copy");
+    }));
     document.addEventListener("click", (event) => {  // a click elsewhere closes an open menu
       $$("details.menu[open]").forEach((menu) => { if (!menu.contains(event.target)) menu.open = false; });
     });
@@ -263,7 +269,7 @@
   // Logs: the backlog, then each new line, following the end unless the reader scrolled up.
   function logsPage() {
     const log = $("#log");
-    if (!log) return;
+    if (!log || !log.dataset.live) return;  // without data-live: an earlier attempt's kept log, shown as it was
     const follow = $("#follow");
     const status = $("#log-status");
     socket(log.dataset.live, (line) => {

@@ -62,7 +62,8 @@ def system(tmp_path_factory, hubs):
     running = start_system(tmp, extra_env={
         "AIMIND_CACHE_DIR": str(fresh_cache(tmp)), "HF_ENDPOINT": hubs["huggingface"].url,
         "MODELSCOPE_ENDPOINT": hubs["modelscope"].url, "HF_HOME": str(tmp / "hf-home"),
-        "MODELSCOPE_CACHE": str(tmp / "modelscope-cache"), "HF_TOKEN": "", "AIMIND_METRICS_TOKEN": METRICS_TOKEN})
+        "MODELSCOPE_CACHE": str(tmp / "modelscope-cache"), "HF_TOKEN": "", "AIMIND_METRICS_TOKEN": METRICS_TOKEN,
+        "AIMIND_SLEEP_CHECK_INTERVAL": "3"})  # idle models are looked for every 3 s, not every 15
     yield running
     running.stop()
 

@@ -188,16 +188,20 @@ class RunningSystem:
 
 
 def start_system(tmp: Path, worker_name: str = "e2e-worker", extra_env: dict[str, str] | None = None,
-                 again: RunningSystem | None = None, command: str = "up", host: str = "127.0.0.1") -> RunningSystem:
+                 again: RunningSystem | None = None, command: str = "up", host: str = "127.0.0.1",
+                 database_url: str = "") -> RunningSystem:
     """`up` in `tmp`. `again`: a stopped system (stopped with keep_database) to start once more on its data.
-    `command="server"`: the control plane alone, listening on `host` (no worker: `worker_name` is ignored)."""
+    `command="server"`: the control plane alone, listening on `host` (no worker: `worker_name` is ignored).
+    `database_url`: a database the test owns (left alone on stop), instead of SQLite or a fresh PostgreSQL one."""
     data_dir = tmp / "data"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIMIND_", "DATABASE_URL", "REDIS_URL"))}
     # SQLite in the data dir by default; with AIMIND_TEST_DATABASE_URL, a fresh database on that server.
     pg_server_url = os.environ.get("AIMIND_TEST_DATABASE_URL", "")
     pg_database = ""
-    if again is not None and again.pg_database:
+    if database_url:
+        pg_server_url, env["DATABASE_URL"] = "", database_url
+    elif again is not None and again.pg_database:
         pg_database, env["DATABASE_URL"] = again.pg_database, again.env["DATABASE_URL"]
     elif pg_server_url:
         pg_database, env["DATABASE_URL"] = create_e2e_database(pg_server_url)
@@ -258,8 +262,9 @@ def _wait_until_up(system: RunningSystem, worker_name: str) -> None:
     system.descendants()
 
 
-def start_extra_worker(system: RunningSystem, name: str, tmp: Path) -> subprocess.Popen:
-    """A second `manage.py worker` on this machine, joining `system` with its URL and token (its own data dir)."""
+def start_extra_worker(system: RunningSystem, name: str, tmp: Path, server_url: str = "") -> subprocess.Popen:
+    """A second `manage.py worker` on this machine, joining `system` with its URL (or `server_url`) and token (its
+    own data dir)."""
     data_dir = tmp / f"worker-{name}"
     data_dir.mkdir(parents=True, exist_ok=True)
     # Only the server's URL and the cluster token: the broker comes from the registration answer, and a
@@ -267,7 +272,8 @@ def start_extra_worker(system: RunningSystem, name: str, tmp: Path) -> subproces
     env = {k: v for k, v in system.env.items() if k not in ("DATABASE_URL", "REDIS_URL")}
     env.update({
         "AIMIND_DATA_DIR": str(data_dir), "AIMIND_WORKER_NAME": name, "AIMIND_WORKER_IP": "127.0.0.1",
-        "AIMIND_SERVER_URL": system.base_url, "AIMIND_TOKEN": (system.data_dir / "token").read_text().strip(),
+        "AIMIND_SERVER_URL": server_url or system.base_url,
+        "AIMIND_TOKEN": system.env.get("AIMIND_TOKEN") or (system.data_dir / "token").read_text().strip(),
         "AIMIND_BACKEND_PORT_MIN": str(int(env["AIMIND_BACKEND_PORT_MIN"]) + 500),
         "AIMIND_BACKEND_PORT_MAX": str(int(env["AIMIND_BACKEND_PORT_MAX"]) + 500),
     })

@@ -317,3 +317,45 @@ def test_the_dashboard_charts_usage_and_load_and_an_instance_page_says_why(page,
     expect(page.locator("ol.timeline li[data-cause=healthy]")).to_have_count(1)
     expect(page.locator("table.memory")).to_contain_text("Measured")
     shot(page, "instance")
+
+
+def test_export_then_import_an_edited_file_from_the_models_page(page, system, tmp_path):
+    with page.expect_download() as downloaded:
+        page.get_by_role("link", name="Export").click()
+    exported = Path(downloaded.value.path()).read_text(encoding="utf-8")
+    assert exported.startswith("aimind_models: 1\n")
+    edited = tmp_path / "models.yaml"
+    edited.write_text("models:\n- name: imported-page\n  source: huggingface\n  huggingface_repo_id: acme/none\n"
+                      "  huggingface_filename: none.gguf\n  replicas: 0\n", encoding="utf-8")
+    page.locator("summary", has_text="Import").click()
+    page.get_by_label(re.compile("^Models file")).set_input_files(str(edited))
+    page.locator(".import-menu").get_by_role("button", name="Import").click()
+    expect(page.locator(".messages li.success")).to_contain_text("created 1 (imported-page)")
+    expect(model_row(page, "imported-page")).to_have_count(1)
+    shot(page, "models-imported")
+    with system.client() as c:
+        [imported] = [m for m in c.get("/api/v1/models").json() if m["name"] == "imported-page"]
+        c.delete(f"/api/v1/models/{imported['id']}")
+
+
+def test_a_new_api_key_with_a_limit_is_shown_once_then_listed_and_revoked(page, system):
+    page.get_by_role("link", name="API keys").click()
+    page.get_by_role("link", name="New key").click()
+    page.get_by_label("Name").fill("page-key")
+    page.get_by_label("Gateway (/v1) only").check()
+    page.get_by_label("Requests per minute").fill("30")
+    shot(page, "key-new")
+    page.get_by_role("button", name="Create key").click()
+    expect(page.get_by_text("Copy it now: it is not shown again.")).to_be_visible()
+    raw = page.get_by_label("API key").input_value()
+    shot(page, "key-issued")
+    gateway = httpx.Client(base_url=system.base_url, timeout=30, headers={"Authorization": f"Bearer {raw}"})
+    assert gateway.get("/v1/models").status_code == 200
+    page.get_by_role("link", name="Done").click()
+    row = page.locator('tr[data-key="page-key"]')
+    expect(row.locator("td.limits")).to_have_text("30 requests/min")
+    expect(page.locator("#keys")).not_to_contain_text(raw)
+    shot(page, "keys")
+    row.get_by_role("button", name="Revoke").click()  # the dialog is accepted
+    expect(row.locator(".key-state")).to_have_text("Revoked")
+    wait_until(lambda: gateway.get("/v1/models").status_code == 401, 10, "the revoked key refused by the gateway")

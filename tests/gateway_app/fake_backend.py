@@ -31,6 +31,8 @@ class FakeBackend:
     piece_delay: float = 0.0  # seconds between streamed pieces
     answer_delay: float = 0.0  # seconds before a plain answer
     answer: dict | None = None  # a plain answer of its own (default: a chat completion with usage)
+    stream_events: list[dict] | None = None  # streamed chunks of its own (default: `stream_pieces` text pieces)
+    refuse_with: int = 0  # a status to answer every request with, and an error in OpenAI's shape (as llama-server)
     received: list[dict] = field(default_factory=list)
     close_after_answer: bool = False  # as llama-server does after a stream, without saying so
     hung_up: int = 0  # answers cut short because the client closed the connection
@@ -78,6 +80,14 @@ class FakeBackend:
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: dict) -> None:
         usage = {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+        messages_api = self.received[-1]["path"] == "/v1/messages"
+        if self.refuse_with:
+            body = json.dumps({"error": {"code": self.refuse_with, "message": "the fake backend refuses",
+                                         "type": "invalid_request_error"}}).encode()
+            writer.write(b"HTTP/1.1 %d Refused\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (self.refuse_with, len(body), body))
+            await writer.drain()
+            return
         if not request.get("stream"):
             await asyncio.sleep(self.answer_delay)
             if writer.transport.is_closing() or reader.at_eof():
@@ -85,19 +95,29 @@ class FakeBackend:
                 return
             chat = {"object": "chat.completion", "served_by": self.name, "usage": usage,
                     "choices": [{"message": {"role": "assistant", "content": "hi"}}]}
+            if messages_api:  # llama-server's own Messages answer
+                chat = {"id": "chatcmpl-fake", "type": "message", "role": "assistant", "model": request.get("model"),
+                        "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                        "stop_sequence": None, "served_by": self.name,
+                        "usage": {"cache_read_input_tokens": 1, "input_tokens": 4, "output_tokens": 7}}
             body = json.dumps(self.answer or chat).encode()
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\nServer: fake\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
             await writer.drain()
             return
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        events = [{"choices": [{"delta": {"content": f"piece {n} "}}], "served_by": self.name}
-                  for n in range(self.stream_pieces)]
-        if (request.get("stream_options") or {}).get("include_usage"):
-            events.append({"choices": [], "usage": usage})
+        if messages_api:
+            sse = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in self._messages_events(request)]
         else:
-            events[-1]["timings"] = {"prompt_n": 3, "predicted_n": self.stream_pieces}
-        for event in [*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]:
+            events = [dict(e) for e in self.stream_events] if self.stream_events else [
+                {"choices": [{"delta": {"content": f"piece {n} "}}], "served_by": self.name}
+                for n in range(self.stream_pieces)]
+            if (request.get("stream_options") or {}).get("include_usage"):
+                events.append({"choices": [], "usage": usage})
+            else:
+                events[-1]["timings"] = {"prompt_n": 3, "predicted_n": self.stream_pieces}
+            sse = [*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]
+        for event in sse:
             if writer.transport.is_closing() or reader.at_eof():
                 self.hung_up += 1
                 return
@@ -107,6 +127,20 @@ class FakeBackend:
             await asyncio.sleep(self.piece_delay)
         writer.write(b"0\r\n\r\n")
         await writer.drain()
+
+    def _messages_events(self, request: dict) -> list[dict]:
+        """A Messages stream as llama-server sends it (input tokens first, output tokens last; no [DONE])."""
+        start = {"id": "chatcmpl-fake", "type": "message", "role": "assistant", "content": [],
+                 "model": request.get("model"), "stop_reason": None, "stop_sequence": None,
+                 "usage": {"cache_read_input_tokens": 1, "input_tokens": 4, "output_tokens": 0}}
+        return [{"type": "message_start", "message": start},
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                *({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": f"piece {n} "}}
+                  for n in range(self.stream_pieces)),
+                {"type": "content_block_stop", "index": 0},
+                {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                 "usage": {"output_tokens": self.stream_pieces}},
+                {"type": "message_stop"}]
 
 
 async def _django_404(scope, receive, send):

@@ -92,8 +92,8 @@ def test_the_last_hour_and_the_last_day(admin_user):
     assert [(m["model"], m["requests"], m["errors"]) for m in hour["models"]] == [("chat", 10, 1), ("embed", 2, 0)]
     chat = hour["models"][0]
     assert 10 < chat["p50_ms"] <= 50 and chat["p95_ms"] <= 50  # within the (10 ms, 50 ms] buckets
-    assert hour["keys"] == [{"key": "team", "requests": 12, "errors": 1, "prompt_tokens": 120,
-                             "completion_tokens": 240}]
+    assert hour["keys"] == [{"key": "team", "id": ApiKey.objects.get(name="team").pk, "requests": 12, "errors": 1,
+                             "prompt_tokens": 120, "completion_tokens": 240, "limits": [], "allowed_models": []}]
     charts = hour["charts"]
     assert len(charts["x"]) == 60 and charts["x"][-1] - charts["x"][0] == 59 * 60
     requests = {s["label"]: s["values"] for s in charts["requests"]}

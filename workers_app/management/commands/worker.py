@@ -65,7 +65,8 @@ class Command(BaseCommand):
             raise CommandError(f"--reserved-ram/--reserved-vram: {exc}") from None
         name = settings.WORKER_NAME
         agent = NodeAgent(name=name, server_url=settings.SERVER_URL, token=cluster_token_for_worker(),
-                          ip=settings.WORKER_IP or detect_ip(settings.SERVER_URL), data_dir=settings.DATA_DIR,
+                          ip=settings.WORKER_IP or detect_ip(settings.SERVER_URL.split(",")[0]),
+                          data_dir=settings.DATA_DIR,
                           labels=parsed_labels, system_reserved=reserved)
         try:
             answer = agent.join()
