@@ -68,6 +68,10 @@ def check(fields: dict) -> str | None:
     stops = fields.get("stop_sequences")
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         return "stop_sequences must be a list of strings."
+    try:  # the blocks' insides too (an image whose source is not an object …): a 400 here, not a 500 later
+        to_chat(fields, "")
+    except (AttributeError, TypeError, KeyError, ValueError) as exc:
+        return f"A content block or tool could not be read: {type(exc).__name__}: {exc}."
     return None
 
 

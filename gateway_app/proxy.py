@@ -147,7 +147,7 @@ class Gateway:
         if admitted is None:
             return
         body, usage_filter = admitted.body, None
-        if admitted.stream and route == "chat/completions":  # counted exactly: the backend is asked for the usage
+        if admitted.stream and route in ("chat/completions", "completions"):  # counted exactly: asked of the backend
             body, usage_filter = stream_usage.ask_for_usage(admitted.fields, body)
         head = b"POST /v1/%s HTTP/1.1\r\n%scontent-length: %d\r\n" % (route.encode(), admitted.headers, len(body))
         forwarding = Forwarding(admitted.key, admitted.target, admitted.stream, send)
@@ -230,7 +230,8 @@ class Forwarding:
         self.status = 0  # as sent to the client
         self.began = time.monotonic()
         self.usage_filter: stream_usage.UsageFilter | None = None  # hides the usage the client did not ask for
-        self.tokens = 0  # the answer's, once counted
+        self.tokens: int | None = None  # the answer's, once counted
+        self.streamed_events = 0  # server-sent events passed on (a stream cut short counts one token each)
 
     async def send(self, message: dict) -> None:
         if message["type"] == "http.response.start":
@@ -253,7 +254,6 @@ class Forwarding:
         try:
             if await self.connect(head, body):
                 await self.answer()
-                await limits.LIMITER.add_tokens(self.key, self.tokens)  # answered already: the client waits not
         except asyncio.CancelledError:
             if not watcher.done() or watcher.cancelled():
                 raise  # not the client leaving: the server stopping
@@ -264,8 +264,11 @@ class Forwarding:
                 self.exchange.abort()  # the client left mid-answer: the backend stops generating
             if self.replica is not None:
                 self.replica.outstanding -= 1
+            if self.tokens is None and self.streamed_events:
+                self.note_tokens(0, self.streamed_events)  # cut short: the tokens it was sent, one per event
             usage.METER.note_served(self.target.name, self.status if self.answered else 0,
                                     time.monotonic() - self.began, self.key.id)
+        await limits.LIMITER.add_tokens(self.key, self.tokens or 0)  # answered already: the client waits not
 
     async def connect(self, head: bytes, body: bytes) -> bool:
         """Send to the least busy replica; a replica that refuses the connection passes the request on. False when
@@ -320,6 +323,7 @@ class Forwarding:
             try:
                 while chunk := await exchange.read():
                     tail = chunk[-TAIL:] if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
+                    self.streamed_events += chunk.count(b"data: {")
                     if self.usage_filter is not None and not (chunk := self.usage_filter.feed(chunk)):
                         continue
                     await self._send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import redis.asyncio
 from asgiref.sync import sync_to_async
@@ -92,47 +95,106 @@ def done_with_database() -> None:
         connection.close_if_unusable_or_obsolete()
 
 
-def load_snapshot(previous: Snapshot | None = None) -> Snapshot:
-    """Read the tables (runs in a thread). Replicas unchanged since `previous` keep their counters."""
+def read_rows() -> dict[str, list]:
+    """What the tables are made of, as plain JSON-ready rows (runs in a thread)."""
     from gateway_app.models import ApiKey
     from models_app.choices import InstanceState
     from models_app.models import Model, ModelInstance
 
+    def epoch(moment) -> float | None:
+        return moment.timestamp() if moment else None
+
     try:
-        key_rows = list(ApiKey.objects.filter(revoked_at__isnull=True, user__is_active=True).values_list(
-            "pk", "key_hash", "scope", "expires_at", "name", "allowed_models", "requests_per_minute",
-            "tokens_per_minute", "tokens_per_day"))
-        models = list(Model.objects.order_by("name").values_list("pk", "name", "backend", "categories", "created_at",
-                                                                 "asleep", "sleep_after_minutes", "replicas",
-                                                                 "requests_per_minute"))
-        running = list(ModelInstance.objects.filter(
+        keys = [[pk, key_hash, scope, epoch(expires), *rest] for pk, key_hash, scope, expires, *rest in
+                ApiKey.objects.filter(revoked_at__isnull=True, user__is_active=True).values_list(
+                    "pk", "key_hash", "scope", "expires_at", "name", "allowed_models", "requests_per_minute",
+                    "tokens_per_minute", "tokens_per_day")]
+        models = [[pk, name, backend, categories, epoch(created), *rest] for pk, name, backend, categories, created,
+                  *rest in Model.objects.order_by("name").values_list(
+                      "pk", "name", "backend", "categories", "created_at", "asleep", "sleep_after_minutes",
+                      "replicas", "requests_per_minute")]
+        running = [list(row) for row in ModelInstance.objects.filter(
             state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False,
-        ).order_by("id").values_list("pk", "model_id", "worker__ip", "port", "backend", "backend_api_key"))
+        ).order_by("id").values_list("pk", "model_id", "worker__ip", "port", "backend", "backend_api_key")]
+        on_their_way = [InstanceState.PENDING, InstanceState.ANALYZING, InstanceState.SCHEDULED,
+                        InstanceState.DOWNLOADING, InstanceState.INITIALIZING, InstanceState.STARTING]
+        starting = sorted(set(ModelInstance.objects.filter(state__in=on_their_way).values_list("model_id", flat=True)))
     finally:
         done_with_database()
+    return {"keys": keys, "models": models, "running": running, "starting": starting}
+
+
+def load_snapshot(previous: Snapshot | None = None) -> Snapshot:
+    """Read the tables (runs in a thread) and keep a copy on disk for a restart while the database is down.
+    Replicas unchanged since `previous` keep their counters."""
+    rows = read_rows()
+    saved_tables.save(rows)
+    return build_snapshot(rows, previous)
+
+
+def build_snapshot(rows: dict[str, list], previous: Snapshot | None = None) -> Snapshot:
+    models, starting = rows["models"], set(rows["starting"])
     kept = {(r.instance_id, r.host, r.port, r.api_key): r for route in (previous.routes.values() if previous else ())
             for r in route.replicas}
+    # A request waits for a replica of a model that sleeps only while one can come: it is asleep (the request wakes
+    # it) or an instance of it is on its way; a model whose instances failed answers 503 at once.
     routes = {name: Route(pk, name, requests_per_minute=rpm, asleep=asleep,
-                          wakes=replicas > 0 and (asleep or sleep_after is not None))
+                          wakes=replicas > 0 and (asleep or (sleep_after is not None and pk in starting)))
               for pk, name, *_, asleep, sleep_after, replicas, rpm in models}
     by_id = {route.model_id: route for route in routes.values()}
     backend_of = {pk: backend for pk, _, backend, *_ in models}
-    for pk, model_id, ip, port, backend, api_key in running:
+    for pk, model_id, ip, port, backend, api_key in rows["running"]:
         host = "127.0.0.1" if ip in ("", "0.0.0.0") else ip
         replica = kept.get((pk, host, port, api_key)) or Replica(pk, host, port, backend or backend_of[model_id],
                                                                  api_key)
         by_id[model_id].replicas.append(replica)
-    listing = [{"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "aimind",
+    listing = [{"id": name, "object": "model", "created": int(created), "owned_by": "aimind",
                 "categories": categories, "ready_replicas": len(by_id[pk].replicas)}
                for pk, name, _, categories, created, *_ in models]
-    return Snapshot(_keys(key_rows, listing), routes, json.dumps({"object": "list", "data": listing}).encode())
+    return Snapshot(_keys(rows["keys"], listing), routes, json.dumps({"object": "list", "data": listing}).encode())
+
+
+class SavedTables:
+    """The last rows read, in <data dir>/run/gateway-tables.json (private: it holds the backends' secrets): a web
+    process that starts while the database is down serves from them instead of failing every request."""
+
+    def __init__(self) -> None:
+        self._written: str | None = None
+
+    @property
+    def path(self) -> Path:
+        return Path(settings.DATA_DIR) / "run" / "gateway-tables.json"
+
+    def save(self, rows: dict[str, list]) -> None:
+        text = json.dumps(rows, separators=(",", ":"))
+        if text == self._written:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".gateway-tables.")
+            with os.fdopen(fd, "w") as f:  # mkstemp: 0600
+                f.write(json.dumps({"saved_at": time.time(), "rows": rows}, separators=(",", ":")))
+            os.replace(temporary, self.path)
+            self._written = text
+        except OSError as exc:
+            logger.warning("could not keep a copy of the gateway's tables in %s: %s", self.path, exc)
+
+    def load(self) -> tuple[float, dict[str, list]] | None:
+        try:
+            saved = json.loads(self.path.read_text())
+            return float(saved["saved_at"]), saved["rows"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+saved_tables = SavedTables()
 
 
 def _keys(rows: list[tuple], listing: list[dict]) -> dict[str, Key]:
     """The keys by hash, with their limits; GET /v1/models rendered once per distinct list of allowed models."""
     bodies: dict[frozenset[str], bytes] = {}
     keys = {}
-    for pk, key_hash, scope, expires, name, allowed, rpm, tpm, tpd in rows:
+    for pk, key_hash, scope, expires, name, allowed, rpm, tpm, tpd in rows:  # expires: epoch seconds
         allowed = frozenset(m for m in allowed if isinstance(m, str)) if isinstance(allowed, list) and allowed \
             else None
         body = None
@@ -141,7 +203,7 @@ def _keys(rows: list[tuple], listing: list[dict]) -> dict[str, Key]:
             if body is None:
                 body = bodies[allowed] = json.dumps({"object": "list", "data": [
                     entry for entry in listing if entry["id"] in allowed]}).encode()
-        keys[key_hash] = Key(pk, scope, expires.timestamp() if expires else None, name, allowed, rpm, tpm, tpd, body)
+        keys[key_hash] = Key(pk, scope, expires, name, allowed, rpm, tpm, tpd, body)
     return keys
 
 
@@ -160,8 +222,11 @@ class Tables:
         self._redis_failed_at = -1e9
         self._reload: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
 
+    def _database_failed_lately(self) -> bool:
+        return time.monotonic() - self._failed_at < DATABASE_RETRY_AFTER
+
     async def current(self) -> Snapshot:
-        if self.snapshot is None or self.local != changes.local_version():
+        if self.snapshot is None or (self.local != changes.local_version() and not self._database_failed_lately()):
             await self.reload()
         elif time.monotonic() - self.checked_at > 3 * settings.GATEWAY_REFRESH_INTERVAL:
             await self.check()
@@ -171,7 +236,7 @@ class Tables:
         """Reload when Redis's version moved, or when the last load is GATEWAY_RELOAD_EVERY seconds old."""
         remote = await self._remote_version()
         self.checked_at = now = time.monotonic()
-        if now - self._failed_at < DATABASE_RETRY_AFTER:
+        if self._database_failed_lately():
             return  # the database failed a moment ago: serve what we have
         if (remote is not None and remote != self.version) or self.local != changes.local_version() \
                 or now - self.loaded_at >= settings.GATEWAY_RELOAD_EVERY:
@@ -181,6 +246,8 @@ class Tables:
         """A key or a model was not found: perhaps it is newer than these tables (or was changed by a process that
         could not reach Redis: then a reload, at most once a second). True when the snapshot changed."""
         before = self.snapshot
+        if self._database_failed_lately():
+            return False
         remote = await self._remote_version()
         if (remote is not None and remote != self.version) or self.local != changes.local_version() \
                 or time.monotonic() - self.loaded_at >= 1.0:
@@ -205,7 +272,7 @@ class Tables:
             snapshot = await sync_to_async(load_snapshot)(self.snapshot)
         except Exception as exc:
             if self.snapshot is None:
-                raise
+                self.snapshot = await asyncio.to_thread(self._from_saved_copy, exc)
             self._failed_at = time.monotonic()
             if self.failing_since is None:
                 self.failing_since = self._failed_at
@@ -218,6 +285,17 @@ class Tables:
             self.failing_since = None
         self.snapshot, self.version, self.local = snapshot, remote, local
         self.loaded_at = self.checked_at = time.monotonic()
+
+    @staticmethod
+    def _from_saved_copy(exc: Exception) -> Snapshot:
+        """The first load failed: the copy the last load left on disk, else the failure."""
+        saved = saved_tables.load()
+        if saved is None:
+            raise exc
+        saved_at, rows = saved
+        logger.warning("cannot read the gateway's tables from the database (%s); serving the copy saved %.0f s ago",
+                       exc, time.time() - saved_at)
+        return build_snapshot(rows)
 
     async def _remote_version(self) -> bytes | None:
         if not settings.REDIS_URL or time.monotonic() - self._redis_failed_at < REDIS_RETRY_AFTER:

@@ -70,6 +70,12 @@ async def wait_for_replica(route: Route) -> Route:
 async def flush_last_requests() -> None:
     """Write each model's last request (kept by the meter) to `Model.last_request_at`; kept for the next flush when
     the database cannot be reached."""
+    snapshot = TABLES.snapshot
+    if snapshot is not None:  # a request still being answered is a use now: its model must not fall asleep under it
+        now = time.time()
+        for route in snapshot.routes.values():
+            if any(replica.outstanding for replica in route.replicas):
+                usage.METER.requested[route.name] = now
     requested = usage.METER.take_requested()
     if not requested:
         return

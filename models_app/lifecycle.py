@@ -397,17 +397,24 @@ def do_fail_part(instance: ModelInstance, index: int, message: str) -> bool:
     return do_fail_instance(instance, f"{where}: {message}", cause="part_failed", from_states=PART_ACTIVE_STATES)
 
 
-def do_lose_parts(worker_name: str, worker_id: int) -> list[int]:
-    """A subordinate worker went silent: each instance with a part on it fails with that cause and is placed again
-    (the worker may not return; the main and the other parts end theirs when they see the instance gone)."""
-    hit = [pk for pk, parts in ModelInstance.objects.exclude(distributed_servers=[]).exclude(
+def instances_with_parts_on(worker_id: int) -> list[int]:
+    """The distributed instances (not failed for good) with a part on this worker."""
+    return [pk for pk, parts in ModelInstance.objects.exclude(distributed_servers=[]).exclude(
         error_kind=ErrorKind.PERMANENT).values_list("pk", "distributed_servers")
         if any(p.get("worker_id") == worker_id for p in parts or [])]
+
+
+def do_lose_parts(worker_name: str, instance_ids: Iterable[int]) -> list[int]:
+    """A subordinate worker went silent and these instances' main backends do not answer the server's probe (a part
+    that really died aborts its main on the next request, and the main's worker reports that): each fails with that
+    cause and is placed again (the worker may not return; the main and the other parts end theirs when they see the
+    instance gone)."""
+    hit = list(instance_ids)
     if not hit:
         return []
     message = f"subordinate worker {worker_name} is not ready"
-    _transition(hit, S.ERROR, cause="part_lost", message=message, from_states=PART_ACTIVE_STATES,
-                error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=None)
+    hit = _transition(hit, S.ERROR, cause="part_lost", message=message, from_states=PART_ACTIVE_STATES,
+                      error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=None)
     return do_unplace(hit, f"{message}; placing the instance again", cause="moved")
 
 
@@ -420,6 +427,12 @@ def do_mark_unreachable(worker_name: str, keep: Iterable[int] = ()) -> list[int]
         .exclude(pk__in=list(keep)).values_list("pk", flat=True)
     return _transition(list(ids), S.UNREACHABLE, cause="worker_lost", message=f"worker {worker_name} is not ready",
                        from_states=[*S.on_worker(), S.ERROR])
+
+
+def do_mark_answering(instance_ids: Iterable[int]) -> list[int]:
+    """Unreachable instances whose backends answer the server's own probe after all: running again (and served)."""
+    return _transition(list(instance_ids), S.RUNNING, cause="answers_probe", from_states=[S.UNREACHABLE],
+                       message="its worker is silent, but its backend answers the server's health probe")
 
 
 def do_move_off_lost_worker(worker_name: str, instance_ids: Iterable[int]) -> list[int]:

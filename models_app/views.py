@@ -267,6 +267,8 @@ CAUSE_LABELS = {
     "worker_removed": _lazy("Worker removed"), "part_failed": _lazy("A part failed"),
     "part_lost": _lazy("A part's worker was lost"), "over_claim": _lazy("Uses more than it claimed"),
     "outdated": _lazy("Configuration changed"),
+    "answers_probe": _lazy("Worker silent, backend still answers"),
+    "made_room": _lazy("Idle models put to sleep to make room"),
 }
 TIMELINE_EVENTS = 200  # the last ones shown
 

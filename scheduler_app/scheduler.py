@@ -114,8 +114,9 @@ def schedule_instances(instance_ids: list[int]) -> dict[int, str]:
     with collector_paused():
         instances = _claim_for_analysis(instance_ids)
         outcome: dict[int, str] = {}
-        estimates = _estimates(instances)
+        estimates: dict = {}
         try:
+            estimates = _estimates(instances)
             _place_all(instances, estimates, outcome)
         finally:
             for instance in instances:

@@ -91,7 +91,10 @@ def sample(backends: dict[int, int], product_pids: Iterable[int], nvml=None) -> 
     ours = set()
     for pid in {*product_pids, *backends.values()}:
         ours |= tree_pids(pid)
-    others = {index: sum(size for pid, size in used.items() if pid not in ours) for index, used in gpus.items()}
+    # A process this worker cannot see (NVML speaks of the host's process ids; a worker in a container sees its own)
+    # cannot be told from ours: left out, as before this was measured, rather than taking our own backends twice.
+    others = {index: sum(size for pid, size in used.items() if pid not in ours and psutil.pid_exists(pid))
+              for index, used in gpus.items()}
     return (_measure(backends, gpus) if backends else {}), others
 
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from django.conf import settings
+from django.db.models import Q
 
 from models_app.choices import InstanceState
 from models_app.models import ModelInstance
@@ -21,12 +22,16 @@ def _address(ip: str, port: int, backend: str) -> str:
     return f"http://{host}:{port}{get_backend(backend or 'llama-box').health_path}"
 
 
-def answering_instances(worker_ids: list[int]) -> set[int]:
-    """The running instances on these workers whose backends answer their health check (200) within
-    AIMIND_BACKEND_PROBE_TIMEOUT."""
+def answering_instances(*, on_workers: list[int] = (), instance_ids: list[int] = ()) -> set[int]:
+    """Of the running (or unreachable) instances on these workers, or with these ids, those whose backends answer
+    their health check (200) within AIMIND_BACKEND_PROBE_TIMEOUT."""
+    if not on_workers and not instance_ids:
+        return set()
     targets = [(pk, _address(ip, port, backend or model_backend))
                for pk, ip, port, backend, model_backend in ModelInstance.objects.filter(
-                   worker_id__in=worker_ids, state=InstanceState.RUNNING, port__isnull=False)
+                   Q(worker_id__in=list(on_workers)) | Q(pk__in=list(instance_ids)),
+                   state__in=[InstanceState.RUNNING, InstanceState.UNREACHABLE], port__isnull=False,
+                   worker__isnull=False)
                .values_list("pk", "worker__ip", "port", "backend", "model__backend")]
     if not targets:
         return set()

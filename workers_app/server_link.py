@@ -69,7 +69,8 @@ class Assignment:
 
 class ServerLink:
     """`server_url`: the server's base URL, or several separated by commas (servers running side by side on one
-    database): a call that cannot reach one, or gets a 5xx from it, is asked of the next, which is kept from then on."""
+    database): a call that cannot connect to one, or gets a 5xx from it, is asked of the next, which is kept from then
+    on."""
 
     def __init__(self, server_url: str, token: str, credential_path: Path, timeout: float = 5.0,
                  transport: httpx.BaseTransport | None = None):
@@ -93,9 +94,11 @@ class ServerLink:
         for url in [self.server_url, *(u for u in self.server_urls if u != self.server_url)]:
             try:
                 response = self.http.request(method, f"{url}{path}", headers=self._credential_headers(), **kwargs)
-            except httpx.HTTPError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never sent: the next server may take it
                 problems.append(f"{url}: {exc}")
                 continue
+            except httpx.HTTPError as exc:  # perhaps received: not sent twice (the caller asks again later)
+                raise ServerUnreachable("; ".join([*problems, f"{url}: {exc}"])) from exc
             if response.status_code >= 500:
                 problems.append(f"{url}{path} answered {response.status_code}")
                 continue

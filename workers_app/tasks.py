@@ -8,7 +8,13 @@ from django.db import transaction
 from django.utils import timezone
 
 from models_app.choices import InstanceState
-from models_app.lifecycle import do_lose_parts, do_mark_unreachable, do_move_off_lost_worker
+from models_app.lifecycle import (
+    do_lose_parts,
+    do_mark_answering,
+    do_mark_unreachable,
+    do_move_off_lost_worker,
+    instances_with_parts_on,
+)
 from models_app.models import ModelInstance
 from workers_app.actions import do_mark_worker_not_ready
 from workers_app.choices import WorkerState
@@ -50,24 +56,31 @@ def stop_instance(instance_id: int) -> None:
 
 @shared_task(name="workers_app.tasks.mark_stale_workers", ignore_result=True)
 def mark_stale_workers() -> int:
-    """Workers silent for longer than WORKER_STALE_AFTER become not_ready. Of their instances, those whose backends
-    still answer the server's own health probe keep running (the gateway keeps sending them requests); the others
-    become unreachable and, on the next run, if still unreachable on a worker still not ready, are placed elsewhere.
-    Each run looks again: a kept backend that stops answering is lost then."""
-    for worker_name, ids in _still_lost().items():
-        do_move_off_lost_worker(worker_name, ids)
+    """Workers silent for longer than WORKER_STALE_AFTER become not_ready. Their instances whose backends still answer
+    the server's own health probe keep running (the gateway keeps sending them requests), and so do the distributed
+    instances with a part on such a worker whose main backend answers; the others become unreachable and, on the next
+    run, if still unreachable on a worker still not ready and still not answering, are placed elsewhere. Each run
+    probes again: nothing moves on one missed answer, and a kept backend that stops answering is lost then."""
+    lost = _still_lost()
+    back = answering_instances(instance_ids=[pk for ids in lost.values() for pk in ids])
+    do_mark_answering(back)
+    for worker_name, ids in lost.items():
+        do_move_off_lost_worker(worker_name, [pk for pk in ids if pk not in back])
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_STALE_AFTER)
     silent = list(Worker.objects.filter(last_heartbeat_at__lt=cutoff))
     if not silent:
         return 0
-    serving = answering_instances([worker.pk for worker in silent])
+    with_parts = {worker.pk: instances_with_parts_on(worker.pk) for worker in silent}
+    serving = answering_instances(on_workers=[worker.pk for worker in silent],
+                                  instance_ids=[pk for ids in with_parts.values() for pk in ids])
+    do_mark_answering(serving)
     for worker in silent:
         with transaction.atomic():
             if not Worker.objects.select_for_update().filter(pk=worker.pk, last_heartbeat_at__lt=cutoff).exists():
                 continue  # a heartbeat came in meanwhile
             kept = ModelInstance.objects.filter(worker=worker, pk__in=serving).count()
-            if do_mark_worker_not_ready(worker, cutoff, still_serving=kept):
-                do_lose_parts(worker.name, worker.pk)
+            do_mark_worker_not_ready(worker, cutoff, still_serving=kept)
+            do_lose_parts(worker.name, [pk for pk in with_parts[worker.pk] if pk not in serving])
             do_mark_unreachable(worker.name, keep=serving)
     return len(silent)
 

@@ -217,6 +217,9 @@ def test_errors_come_in_anthropics_shape(key):
                 caught["max_tokens"] = await raw.post("/v1/messages", json={"model": "tiny", "messages": HELLO})
                 caught["role"] = await raw.post("/v1/messages", json={
                     "model": "tiny", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]})
+                caught["image"] = await raw.post("/v1/messages", json={
+                    "model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": [
+                        {"type": "image", "source": "not-an-object"}]}]})
         return caught
 
     caught = run()
@@ -233,6 +236,8 @@ def test_errors_come_in_anthropics_shape(key):
     assert caught["max_tokens"].json() == {"type": "error", "error": {
         "type": "invalid_request_error", "message": "The 'max_tokens' field is required."}}
     assert caught["role"].json()["error"]["message"] == "messages.0.role must be 'user' or 'assistant', not 'system'."
+    assert caught["image"].status_code == 400  # a block it cannot read: the client's mistake, not a 500
+    assert caught["image"].json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_model_with_no_running_instance_is_503_overloaded(key):

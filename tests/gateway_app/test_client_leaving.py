@@ -6,7 +6,8 @@ import asyncio
 import pytest
 from asgiref.sync import async_to_sync
 
-from gateway_app.models import ApiKey
+from gateway_app.models import ApiKey, Usage
+from gateway_app.proxy import flush_usage
 from gateway_app.tables import TABLES
 from tests.gateway_app.fake_backend import APP, CHAT, FakeBackend, call, serving
 
@@ -53,3 +54,21 @@ def test_a_stream_passes_through_piece_by_piece(admin_user):
     assert answer["status"] == 200 and answer["headers"]["content-type"] == "text/event-stream"
     assert len(answer["pieces"]) >= 5  # four pieces and [DONE], each as it came
     assert answer["body"].rstrip().endswith(b"data: [DONE]")
+
+
+def test_a_stream_the_client_leaves_still_counts_the_tokens_it_was_sent(admin_user):
+    """Else opening streams and leaving before their usage event would dodge a key's token limits."""
+    key = ApiKey.issue(admin_user, "k")[1]
+
+    @async_to_sync
+    async def run():
+        backend = FakeBackend(stream_pieces=50, piece_delay=0.05)
+        async with serving("tiny", backend):
+            await call(APP, "POST", "/v1/chat/completions", key=key, json_body={**CHAT, "stream": True},
+                       leave_after_pieces=3)
+            await _until(lambda: backend.hung_up == 1)
+            await flush_usage()
+
+    run()
+    [row] = Usage.objects.filter(model_name="tiny")
+    assert row.requests == 1 and 3 <= row.completion_tokens < 50

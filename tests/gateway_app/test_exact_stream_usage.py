@@ -20,11 +20,11 @@ def events(body: bytes) -> list:
             for part in body.split(b"\n\n") if part]
 
 
-def stream(raw: str, backend: FakeBackend, body: dict) -> dict:
+def stream(raw: str, backend: FakeBackend, body: dict, route: str = "chat/completions") -> dict:
     @async_to_sync
     async def run():
         async with serving("tiny", backend):
-            answer = await call(APP, "POST", "/v1/chat/completions", key=raw, json_body=body)
+            answer = await call(APP, "POST", f"/v1/{route}", key=raw, json_body=body)
             await flush_usage()
             return answer
 
@@ -43,6 +43,16 @@ def test_a_stream_without_usage_asked_is_counted_by_the_backends_usage_and_shown
     assert sent["stream_options"] == {"include_usage": True} and sent["messages"] == CHAT["messages"]
     usage = Usage.objects.get(api_key=key)
     assert (usage.prompt_tokens, usage.completion_tokens) == (5, 7)  # the usage event's, not llama.cpp's timings
+
+
+def test_a_streamed_completion_is_counted_exactly_too(admin_user):
+    key, raw = ApiKey.issue(admin_user, "k")
+    backend = FakeBackend(stream_pieces=3)
+    answer = stream(raw, backend, {"model": "tiny", "prompt": "hi", "stream": True}, route="completions")
+    assert answer["status"] == 200 and b'"usage"' not in answer["body"]
+    assert json.loads(backend.received[0]["body"])["stream_options"] == {"include_usage": True}
+    usage = Usage.objects.get(api_key=key)
+    assert (usage.prompt_tokens, usage.completion_tokens) == (5, 7)
 
 
 def test_a_client_that_asked_for_usage_gets_it_and_the_body_passes_unchanged(admin_user):

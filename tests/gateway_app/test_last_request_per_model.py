@@ -1,10 +1,11 @@
 """The gateway records each model's last request (what "idle" is measured from): kept in memory, written by the usage
 flush to `Model.last_request_at`, never moved backwards by a process with an older time."""
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from asgiref.sync import async_to_sync
+from asgiref.sync import async_to_sync, sync_to_async
 from django.utils import timezone
 
 from gateway_app import usage
@@ -59,3 +60,21 @@ def test_a_failed_write_keeps_the_times_for_the_next_flush(monkeypatch):
     monkeypatch.undo()
     async_to_sync(flush_usage)()
     assert Model.objects.get(name="tiny").last_request_at == datetime.fromtimestamp(noted, UTC)
+
+
+def test_a_request_still_being_answered_counts_as_a_use_at_each_flush(admin_user):
+    key = ApiKey.issue(admin_user, "k")[1]
+
+    @async_to_sync
+    async def run():
+        async with serving("tiny", FakeBackend(answer_delay=1.0)):
+            request = asyncio.ensure_future(call(APP, "POST", "/v1/chat/completions", key=key, json_body=CHAT))
+            await asyncio.sleep(0.5)  # sent and not yet answered: a long generation
+            usage.METER.requested.clear()
+            await flush_usage()
+            noted = await sync_to_async(lambda: Model.objects.get(name="tiny").last_request_at)()
+            return noted, await request
+
+    noted, answer = run()
+    assert noted is not None  # written while it was in flight: the model does not fall asleep under it
+    assert answer["status"] == 200

@@ -104,3 +104,14 @@ def test_a_model_without_the_option_and_no_replica_is_refused_at_once(admin_user
     assert answer["status"] == 503
     assert json.loads(answer["body"])["error"]["code"] == "no_running_instance"
     assert "retry-after" not in answer["headers"]
+
+
+def test_a_model_that_sleeps_but_whose_instances_failed_answers_503_at_once(admin_user, settings):
+    settings.GATEWAY_WAKE_TIMEOUT = 30  # no request waits that long for a replica that is not on its way
+    key = ApiKey.issue(admin_user, "k")[1]
+    model = Model.objects.create(name="tiny", source="local_path", local_path="/m.gguf", replicas=1,
+                                 backend="llama-box", sleep_after_minutes=5)
+    ModelInstance.objects.create(model=model, name="tiny-0", state="error", state_message="exit 1")
+    answer = async_to_sync(call)(APP, "POST", "/v1/chat/completions", key=key, json_body=CHAT)
+    assert answer["status"] == 503
+    assert json.loads(answer["body"])["error"]["code"] == "no_running_instance"

@@ -92,6 +92,16 @@ def test_memory_held_outside_the_product_is_counted_per_gpu_and_the_products_own
     assert measured["7"]["vram"] == {"0": 6 * GIB}
 
 
+def test_a_process_the_worker_cannot_see_is_not_counted(stranger):
+    """NVML names the host's process ids; a worker in a container sees its own. A pid that is not a process here
+    cannot be told from the worker's own backends, so it is not taken off the free memory."""
+    invisible = 2**22 + 7  # above Linux's largest pid
+    driver = FakeDriver([24 * GIB])
+    driver.used = {0: {invisible: 5 * GIB, stranger.pid: 3 * GIB}}
+    _, others = measure.sample({}, [os.getpid()], nvml=driver)
+    assert others == {0: 3 * GIB}
+
+
 @pytest.fixture
 def driver(monkeypatch):
     """The fake driver stands in for pynvml wherever the worker imports it; one GPU of 8 GiB. The worker can run
