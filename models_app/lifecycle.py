@@ -405,10 +405,8 @@ def instances_with_parts_on(worker_id: int) -> list[int]:
 
 
 def do_lose_parts(worker_name: str, instance_ids: Iterable[int]) -> list[int]:
-    """A subordinate worker went silent and these instances' main backends do not answer the server's probe (a part
-    that really died aborts its main on the next request, and the main's worker reports that): each fails with that
-    cause and is placed again (the worker may not return; the main and the other parts end theirs when they see the
-    instance gone)."""
+    """A subordinate worker went silent: these instances, each with a part on it, fail with that cause and are placed
+    again (the worker may not return; the main and the other parts end theirs when they see the instance gone)."""
     hit = list(instance_ids)
     if not hit:
         return []

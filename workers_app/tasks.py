@@ -57,10 +57,11 @@ def stop_instance(instance_id: int) -> None:
 @shared_task(name="workers_app.tasks.mark_stale_workers", ignore_result=True)
 def mark_stale_workers() -> int:
     """Workers silent for longer than WORKER_STALE_AFTER become not_ready. Their instances whose backends still answer
-    the server's own health probe keep running (the gateway keeps sending them requests), and so do the distributed
-    instances with a part on such a worker whose main backend answers; the others become unreachable and, on the next
-    run, if still unreachable on a worker still not ready and still not answering, are placed elsewhere. Each run
-    probes again: nothing moves on one missed answer, and a kept backend that stops answering is lost then."""
+    the server's own health probe keep running (the gateway keeps sending them requests); the others become
+    unreachable and, on the next run, if still unreachable on a worker still not ready and still not answering, are
+    placed elsewhere. Each run probes again: nothing moves on one missed answer, and a kept backend that stops
+    answering is lost then. A distributed instance with a part on the silent worker is placed again at once: an RPC
+    server or a headless vLLM node has no health check to ask, and its main's says nothing of it."""
     lost = _still_lost()
     back = answering_instances(instance_ids=[pk for ids in lost.values() for pk in ids])
     do_mark_answering(back)
@@ -70,17 +71,15 @@ def mark_stale_workers() -> int:
     silent = list(Worker.objects.filter(last_heartbeat_at__lt=cutoff))
     if not silent:
         return 0
-    with_parts = {worker.pk: instances_with_parts_on(worker.pk) for worker in silent}
-    serving = answering_instances(on_workers=[worker.pk for worker in silent],
-                                  instance_ids=[pk for ids in with_parts.values() for pk in ids])
+    serving = answering_instances(on_workers=[worker.pk for worker in silent])
     do_mark_answering(serving)
     for worker in silent:
         with transaction.atomic():
             if not Worker.objects.select_for_update().filter(pk=worker.pk, last_heartbeat_at__lt=cutoff).exists():
                 continue  # a heartbeat came in meanwhile
             kept = ModelInstance.objects.filter(worker=worker, pk__in=serving).count()
-            do_mark_worker_not_ready(worker, cutoff, still_serving=kept)
-            do_lose_parts(worker.name, [pk for pk in with_parts[worker.pk] if pk not in serving])
+            if do_mark_worker_not_ready(worker, cutoff, still_serving=kept):
+                do_lose_parts(worker.name, instances_with_parts_on(worker.pk))
             do_mark_unreachable(worker.name, keep=serving)
     return len(silent)
 

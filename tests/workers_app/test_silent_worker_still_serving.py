@@ -96,18 +96,3 @@ def test_an_unreachable_instance_whose_backend_answers_again_is_not_moved_but_ru
     mark_stale_workers()
     assert states(instances) == ["running"]
     assert list(instances[0].events.values_list("cause", flat=True)) == ["answers_probe"]
-
-
-def test_a_distributed_instance_whose_main_answers_keeps_its_part_on_a_silent_worker(backend):
-    main = make_worker("main")
-    sub = make_worker("sub", last_heartbeat_at=timezone.now() - timedelta(seconds=120))
-    model = Model.objects.create(name="big", source="local_path", local_path="/m/big.gguf")
-    part = {"worker_id": sub.pk, "worker_name": "sub", "gpu_indexes": [], "computed_resource_claim": {"ram": 1},
-            "host": "127.0.0.1", "port": 50052, "pid": 7, "state": "ready", "attempt": 1}
-    answering = ModelInstance.objects.create(model=model, name="big-1", worker=main, state="running",
-                                             port=backend.server_port, distributed_servers=[part])
-    silent_main = ModelInstance.objects.create(model=model, name="big-2", worker=main, state="running", port=1,
-                                               distributed_servers=[part])
-    mark_stale_workers()
-    assert states([answering, silent_main]) == ["running", "pending"]
-    assert list(silent_main.events.values_list("cause", flat=True)) == ["part_lost", "moved"]
