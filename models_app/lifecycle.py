@@ -15,7 +15,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from aimind import metrics
-from models_app.choices import ErrorKind, InstanceState
+from models_app.choices import BackendChoices, ErrorKind, InstanceState
 from models_app.models import InstanceEvent, Model, ModelInstance
 
 logger = logging.getLogger(__name__)
@@ -390,9 +390,11 @@ def do_record_part_ready(instance_id: int, index: int, worker_id: int, attempt: 
 
 
 def do_fail_part(instance: ModelInstance, index: int, message: str) -> bool:
-    """A subordinate's RPC server died or would not start: the whole instance fails, and restarts as a group."""
+    """A subordinate part (llama.cpp's RPC server, or a vLLM node) died or would not start: the whole instance
+    fails, and restarts as a group."""
     part = (instance.distributed_servers or [])[index]
-    where = f"RPC server {index} on worker {part.get('worker_name')}" + (
+    what = f"vLLM node {index + 1}" if instance.backend == BackendChoices.VLLM else f"RPC server {index}"
+    where = f"{what} on worker {part.get('worker_name')}" + (
         f" (port {part['port']})" if part.get("port") else "")
     return do_fail_instance(instance, f"{where}: {message}", cause="part_failed", from_states=PART_ACTIVE_STATES)
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 
-from models_app.choices import InstanceState
+from models_app.choices import InstanceState, SourceChoices
 from workers_app import processes
 from workers_app.backends import get_backend
 from workers_app.backends.base import BackendError, PartSpec, distributed_master_port
@@ -207,7 +207,7 @@ class PartRunner:
         if not backend.part_needs_model:
             return None
         model = assignment.model
-        if model.source != "local_path":
+        if model.source != SourceChoices.LOCAL_PATH:
             raise BackendError(f"a {backend.name} node on another worker needs the model's files there: deploy "
                                f"from a local path present on every worker", permanent=True)
         return backend.resolve_model_path(Path(model.local_path))

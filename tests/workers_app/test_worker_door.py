@@ -70,6 +70,17 @@ def test_another_worker_cannot_report_for_a_part_it_does_not_run(split):
     assert ModelInstance.objects.get().distributed_servers[0]["state"] == "pending"
 
 
+def test_a_failed_vllm_node_is_named_as_one(split):
+    sub, instance = split["sub"], split["instance"]
+    ModelInstance.objects.filter(pk=instance.pk).update(backend="vllm")
+    report(split["sub_client"], sub, event="part_ready", instance=instance.pk, index=0, attempt=0,
+           host="10.0.0.3", port=50052, pid=123)
+    report(split["sub_client"], sub, event="part_failed", instance=instance.pk, index=0, attempt=0,
+           message="exited with 1")
+    instance.refresh_from_db()
+    assert "vLLM node 1 on worker sub (port 50052): exited with 1" in instance.state_message
+
+
 def test_a_failed_part_fails_the_instance_and_the_restart_starts_every_part_over(split):
     sub, instance = split["sub"], split["instance"]
     report(split["sub_client"], sub, event="part_ready", instance=instance.pk, index=0, attempt=0,
