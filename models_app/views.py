@@ -4,6 +4,7 @@ the actions; a model's fields are judged by the API's own validation."""
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin, UserPassesTestMixin
@@ -292,8 +293,16 @@ class InstanceDetailView(AdminRequiredMixin, TemplateView):
         memory = [(_("RAM"), claim.get("ram"), measured.get("ram"))] + [
             (f"GPU {i}", (claim.get("vram") or {}).get(i), (measured.get("vram") or {}).get(i)) for i in indexes]
         return {**super().get_context_data(**kwargs), "instance": instance, "events": events, "memory": memory,
-                "claim_unknown": bool(claim.get("unknown")), "measured": measured,
+                "claim_unknown": bool(claim.get("unknown")), "measured": measured, "measured_at": _moment(measured),
                 "why": instance.placement_explanation or {}}
+
+
+def _moment(measured: dict) -> datetime | None:
+    """When the worker measured it (stored as ISO 8601 text), for the page to show as a time."""
+    try:
+        return datetime.fromisoformat(measured["at"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class InstanceLogDownloadView(AdminRequiredMixin, View):

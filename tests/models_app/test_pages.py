@@ -203,3 +203,12 @@ def test_an_edit_that_outdates_an_instance_is_on_its_timeline(client, gguf):
     assert event.message.startswith("the model's configuration changed (backend_parameters)")
     page = client.get(f"/instances/{instance.pk}/").content.decode()
     assert 'data-cause="outdated"' in page and "Configuration changed" in page
+
+
+def test_the_instance_page_says_when_its_memory_was_measured_as_a_time(client, gguf):
+    model = actions.do_create_model(name="m", source="local_path", local_path=str(gguf))
+    [instance] = ModelInstance.objects.filter(model=model)
+    ModelInstance.objects.filter(pk=instance.pk).update(measured={
+        "ram": 1024**3, "vram": {}, "over_claim": "", "at": "2026-12-02T03:04:05.678901+00:00"})
+    page = client.get(f"/instances/{instance.pk}/").content.decode()
+    assert "Measured by its worker at 2026-12-02 03:04:05 UTC." in page
