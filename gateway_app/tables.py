@@ -98,6 +98,7 @@ def done_with_database() -> None:
 def read_rows() -> dict[str, list]:
     """What the tables are made of, as plain JSON-ready rows (runs in a thread)."""
     from gateway_app.models import ApiKey
+    from models_app.actions import STARTING_STATES
     from models_app.choices import InstanceState
     from models_app.models import Model, ModelInstance
 
@@ -116,8 +117,7 @@ def read_rows() -> dict[str, list]:
         running = [list(row) for row in ModelInstance.objects.filter(
             state=InstanceState.RUNNING, port__isnull=False, worker__isnull=False,
         ).order_by("id").values_list("pk", "model_id", "worker__ip", "port", "backend", "backend_api_key")]
-        on_their_way = [InstanceState.PENDING, InstanceState.ANALYZING, InstanceState.SCHEDULED,
-                        InstanceState.DOWNLOADING, InstanceState.INITIALIZING, InstanceState.STARTING]
+        on_their_way = (InstanceState.PENDING, InstanceState.ANALYZING, *STARTING_STATES)
         starting = sorted(set(ModelInstance.objects.filter(state__in=on_their_way).values_list("model_id", flat=True)))
     finally:
         done_with_database()
