@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from scheduler_app.estimators.gguf import kv_cache_bytes, model_info
@@ -19,9 +17,7 @@ GIB = 1024**3
     ids=["8b", "70b"],
 )
 def test_sparse_llama_reads_back_with_real_shapes(tmp_path, shape, low_gib, high_gib):
-    started = time.perf_counter()
     path = write_sparse_llama(tmp_path / "m.gguf", **shape)
-    assert time.perf_counter() - started < 5  # the 128k tokenizer strings are packed in bulk
 
     stat = path.stat()
     assert stat.st_blocks * 512 < 10 * 1024**2  # the data section is a hole
