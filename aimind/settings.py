@@ -52,9 +52,8 @@ GATEWAY_USAGE_FLUSH_INTERVAL = env_float("AIMIND_GATEWAY_USAGE_FLUSH_INTERVAL", 
 LOG_LEVEL = env_choice("AIMIND_LOG_LEVEL", "WARNING", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"))
 # The bearer token Prometheus presents to /metrics; unset, /metrics answers 404.
 METRICS_TOKEN = os.environ.get("AIMIND_METRICS_TOKEN", "")
-# A replica whose connections fail this many times in a row is passed over for the cooldown, then tried again.
+# A replica whose connections fail this many times in a row is passed over until its health check passes again.
 GATEWAY_REPLICA_FAILURES = env_int("AIMIND_GATEWAY_REPLICA_FAILURES", 3, minimum=1, maximum=1000)
-GATEWAY_REPLICA_COOLDOWN = env_float("AIMIND_GATEWAY_REPLICA_COOLDOWN", 5.0, minimum=0.0)
 # Models that sleep when idle (`sleep_after_minutes`): how often the beat looks for idle ones; how long a request for a
 # sleeping model waits for a replica to run (then 503 `model_waking` with Retry-After).
 SLEEP_CHECK_INTERVAL = env_float("AIMIND_SLEEP_CHECK_INTERVAL", 15.0, minimum=0.1)

@@ -17,6 +17,7 @@ from gateway_app.proxy import (
     Admitted,
     Forwarding,
     Gateway,
+    StreamCutShort,
     _answer,
 )
 from gateway_app.tables import Replica
@@ -163,7 +164,12 @@ class Messages(Forwarding):
                     head += chunk[:TAIL]
                 tail = chunk[-TAIL:] if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
         except UpstreamBroken as exc:
-            logger.warning("stream from backend broke: %s", exc)
+            self.note_tokens(*tokens_in(head, tail))
+            if not tail or tail.endswith((b"\n\n", b"\r\n\r\n")):  # events came whole so far: an error event can follow
+                await self._send({"type": "http.response.body", "more_body": True,
+                                  "body": sse("error", error_body(502, "The backend broke off its answer."))})
+            logger.warning("instance %s broke off its stream: %s", self.replica.instance_id, exc)
+            raise StreamCutShort(f"instance {self.replica.instance_id}: {exc}") from exc
         await self.send({"type": "http.response.body", "body": b""})
         self.note_tokens(*tokens_in(head, tail))
 
@@ -177,8 +183,11 @@ class Messages(Forwarding):
                 if out:
                     await self._send({"type": "http.response.body", "body": out, "more_body": True})
         except UpstreamBroken as exc:
-            logger.warning("stream from backend broke: %s", exc)
             events.broken = True
+            self.note_tokens(events.input_tokens, events.output_tokens)
+            await self._send({"type": "http.response.body", "body": events.finish(), "more_body": True})
+            logger.warning("instance %s broke off its stream: %s", self.replica.instance_id, exc)
+            raise StreamCutShort(f"instance {self.replica.instance_id}: {exc}") from exc
         await self.send({"type": "http.response.body", "body": events.finish()})
         self.note_tokens(events.input_tokens, events.output_tokens)
 

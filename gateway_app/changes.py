@@ -21,6 +21,16 @@ _lock = threading.Lock()
 _client: dict[str, redis.Redis] = {}
 
 
+REVOKED_HERE: set[str] = set()  # hashes of keys revoked in this process: refused before its next load is in
+
+
+def revoked(key_hash: str) -> None:
+    """A key was revoked in this process: refused here at once (the tables reload in the background), everywhere
+    once the change is committed and seen."""
+    REVOKED_HERE.add(key_hash)
+    bump()
+
+
 def local_version() -> int:
     """Bumped by changes made in this process: its readers need not wait for Redis to see them."""
     return _local["version"]

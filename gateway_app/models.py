@@ -85,7 +85,7 @@ class ApiKey(models.Model):
 
     def revoke(self) -> None:
         if ApiKey.objects.filter(pk=self.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()):
-            changes.bump()  # an update sends no post_save
+            changes.revoked(self.key_hash)  # an update sends no post_save
 
     @classmethod
     def find(cls, raw_key: str) -> ApiKey | None:

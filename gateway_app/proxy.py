@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -17,7 +18,7 @@ from django.conf import settings
 from aimind import metrics
 from gateway_app import limits, stream_usage, usage, waking
 from gateway_app.authentication import bearer_token
-from gateway_app.routing import note_failure, note_success, pick
+from gateway_app.routing import note_failure, note_success, pick, stop_health_checks
 from gateway_app.tables import TABLES, Key, Replica, Route, done_with_database
 from gateway_app.upstream import POOLS, ConnectFailed, Exchange, UpstreamBroken
 
@@ -37,6 +38,21 @@ SAFETY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", 
 JSON_HEADERS = [(b"content-type", b"application/json"), *SAFETY_HEADERS]
 STREAM_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]  # no proxy in front may buffer
 TAIL = 16384  # bytes of a stream's end kept to find its usage
+
+
+class StreamCutShort(Exception):
+    """The backend broke off an answer whose start the client has: raised out of the app, so that the server closes
+    the connection before the body's end (uvicorn does so for an app that fails after its answer began), and the
+    client sees an answer cut short instead of one that looks complete."""
+
+
+def _not_a_stream_cut_short(record: logging.LogRecord) -> bool:
+    """uvicorn logs an app's exception with its traceback as an error: a stream cut short on purpose has had its
+    one warning from the gateway already."""
+    return not (record.exc_info and isinstance(record.exc_info[1], StreamCutShort))
+
+
+logging.getLogger("uvicorn.error").addFilter(_not_a_stream_cut_short)
 
 
 async def _answer(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
@@ -97,6 +113,7 @@ class Gateway:
             return await _answer(send, 405, b"", [(b"allow", allowed.encode()),
                                                   (b"content-type", b"text/html; charset=utf-8"), *SAFETY_HEADERS])
         refuse = _error
+        cut_short = None
         try:
             if allowed == "GET":
                 await self.list_models(scope, send)
@@ -107,6 +124,8 @@ class Gateway:
                 await anthropic.messages(self, scope, receive, send)
             else:
                 await self.proxy(scope, receive, send, route)
+        except StreamCutShort as exc:
+            cut_short = exc
         except Exception:
             logger.exception("the gateway failed on %s", path)
             try:
@@ -115,6 +134,9 @@ class Gateway:
                 pass  # the answer had begun
         if time.monotonic() - usage.METER.flushed_at > 3 * settings.GATEWAY_USAGE_FLUSH_INTERVAL:
             await flush_usage()  # no flusher task in this process (no lifespan): on the way out, now and then
+        await TABLES.settle()
+        if cut_short is not None:
+            raise cut_short
 
     async def _key(self, scope) -> Key | None:
         """The key of `Authorization: Bearer <key>`, or else of `x-api-key: <key>` (Anthropic's clients send that)."""
@@ -251,6 +273,7 @@ class Forwarding:
     async def run(self, receive, head: bytes, body: bytes) -> None:
         task = asyncio.current_task()
         watcher = asyncio.get_running_loop().create_task(self._cancel_when_gone(receive, task))
+        cut_short = None
         try:
             if await self.connect(head, body):
                 await self.answer()
@@ -258,6 +281,9 @@ class Forwarding:
             if not watcher.done() or watcher.cancelled():
                 raise  # not the client leaving: the server stopping
             task.uncancel()
+        except StreamCutShort as exc:
+            cut_short = exc
+            self.status, self.answered = 502, True  # counted as the backend's failure, not as the client leaving
         finally:
             watcher.cancel()
             if self.exchange is not None and not self.exchange.done:
@@ -269,6 +295,8 @@ class Forwarding:
             usage.METER.note_served(self.target.name, self.status if self.answered else 0,
                                     time.monotonic() - self.began, self.key.id)
         await limits.LIMITER.add_tokens(self.key, self.tokens or 0)  # answered already: the client waits not
+        if cut_short is not None:
+            raise cut_short
 
     async def connect(self, head: bytes, body: bytes) -> bool:
         """Send to the least busy replica; a replica that refuses the connection passes the request on. False when
@@ -319,7 +347,7 @@ class Forwarding:
         if self.stream or content_type.startswith(b"text/event-stream"):
             await send({"type": "http.response.start", "status": exchange.status,
                         "headers": [*headers, *STREAM_HEADERS, *SAFETY_HEADERS]})
-            tail = b""
+            tail = sent = b""
             try:
                 while chunk := await exchange.read():
                     tail = chunk[-TAIL:] if len(chunk) >= TAIL else (tail + chunk)[-TAIL:]
@@ -327,8 +355,9 @@ class Forwarding:
                     if self.usage_filter is not None and not (chunk := self.usage_filter.feed(chunk)):
                         continue
                     await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    sent = chunk
             except UpstreamBroken as exc:
-                logger.warning("stream from backend broke: %s", exc)
+                await self.cut_short(exc, content_type, sent)
             if self.usage_filter is not None and (rest := self.usage_filter.rest()):
                 await self._send({"type": "http.response.body", "body": rest, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -346,6 +375,16 @@ class Forwarding:
             if refused is not None:
                 return await _error(send, *refused)
         await _answer(send, exchange.status, body, [*headers, *SAFETY_HEADERS])
+
+    async def cut_short(self, exc: UpstreamBroken, content_type: bytes, sent: bytes) -> NoReturn:
+        """A stream broke off: an event stream whose events came whole so far gets an error event in OpenAI's
+        shape; then StreamCutShort, for the connection to close before the body's end."""
+        logger.warning("instance %s broke off its stream: %s", self.replica.instance_id, exc)
+        if content_type.startswith(b"text/event-stream") and (not sent or sent.endswith((b"\n\n", b"\r\n\r\n"))):
+            event = error_body(f"The instance serving '{self.target.name}' broke off its answer.", "api_error",
+                               "upstream_unreachable")
+            await self._send({"type": "http.response.body", "body": b"data: %s\n\n" % event, "more_body": True})
+        raise StreamCutShort(f"instance {self.replica.instance_id}: {exc}")
 
     def count(self, tail: bytes) -> None:
         prompt, completion = usage.tokens_in(tail) if self.exchange.status == 200 else (0, 0)
@@ -474,6 +513,7 @@ async def lifespan(scope, receive, send) -> None:
         elif message["type"] == "lifespan.shutdown":
             for task in tasks:
                 task.cancel()
+            stop_health_checks()
             await flush_usage()
             await send({"type": "lifespan.shutdown.complete"})
             return

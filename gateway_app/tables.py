@@ -1,12 +1,14 @@
 """What /v1 needs to know, held in memory in each web process: the usable API keys and the routing table (model
 name → its running replicas). Reloaded from the database (three queries, off the event loop) when the version that
-gateway_app.changes bumps moves, and every GATEWAY_RELOAD_EVERY seconds in any case; a request waits for the
-database only before the first load. With Redis or the database down the last tables keep serving, and are read
-again once a second until the database answers."""
+gateway_app.changes bumps moves, and every GATEWAY_RELOAD_EVERY seconds in any case. A request waits for the
+database only before the first load, or when its key or model is not found (at most one load a second for those);
+every other check and load runs in the background while requests answer from the snapshot at hand. With Redis or the
+database down the last tables keep serving, and are read again once a second until the database answers."""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -25,6 +27,8 @@ from gateway_app.models import hash_key
 logger = logging.getLogger(__name__)
 REDIS_RETRY_AFTER = 1.0  # seconds without asking Redis again after it failed to answer
 DATABASE_RETRY_AFTER = 1.0  # seconds without reading the tables again after the database failed
+RECHECK_EVERY = 1.0  # seconds between two looks for a key or model that is not in the tables
+_started_here: contextvars.ContextVar[asyncio.Task | None] = contextvars.ContextVar("started_here", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +57,8 @@ class Replica:
     api_key: str
     outstanding: int = 0  # requests this process has in flight on it
     failures: int = 0  # connection failures in a row
-    skip_until: float = 0.0  # monotonic time before which the balancer passes it over
+    skipped_at: float = 0.0  # monotonic time since which the balancer passes it over (0: it does not)
+    health_check: asyncio.Task | None = None  # asks its health check while it is passed over (gateway_app.routing)
     head: bytes = field(init=False)  # the request header lines that are this replica's own
 
     def __post_init__(self) -> None:
@@ -80,8 +85,10 @@ class Snapshot:
 
     def key(self, token: str) -> Key | None:
         """The usable key behind a bearer token (not revoked, its user active: else it is not loaded; not expired)."""
-        key = self.keys.get(hash_key(token))
-        if key is None or (key.expires_at is not None and key.expires_at <= time.time()):
+        hashed = hash_key(token)
+        key = self.keys.get(hashed)
+        if key is None or (key.expires_at is not None and key.expires_at <= time.time()) \
+                or hashed in changes.REVOKED_HERE:
             return None
         return key
 
@@ -209,7 +216,8 @@ def _keys(rows: list[tuple], listing: list[dict]) -> dict[str, Key]:
 
 class Tables:
     """The current snapshot of one process, and how it stays current: a watcher task asks Redis for the version
-    every GATEWAY_REFRESH_INTERVAL seconds; without one (no lifespan, a test's own loop) requests ask when due."""
+    every GATEWAY_REFRESH_INTERVAL seconds; without one (no lifespan, a test's own loop) requests start the checks
+    when due, and see them through on their way out, after their answer."""
 
     def __init__(self) -> None:
         self.snapshot: Snapshot | None = None
@@ -218,19 +226,54 @@ class Tables:
         self.loaded_at = self.checked_at = -1e9
         self.failing_since: float | None = None  # the database could not be read since then (monotonic)
         self._failed_at = -1e9
+        self._rechecked_at = -1e9  # when a key or model not found last made this process ask again (monotonic)
         self._redis: dict[int, tuple[asyncio.AbstractEventLoop, str, redis.asyncio.Redis]] = {}
         self._redis_failed_at = -1e9
         self._reload: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None
+        self._checking: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None = None  # started by a request
+        self._watched: asyncio.AbstractEventLoop | None = None  # the loop a watcher runs on
 
     def _database_failed_lately(self) -> bool:
         return time.monotonic() - self._failed_at < DATABASE_RETRY_AFTER
 
     async def current(self) -> Snapshot:
-        if self.snapshot is None or (self.local != changes.local_version() and not self._database_failed_lately()):
+        """The snapshot to answer from. Only the first load is waited for: a change made in this process, or a check
+        the watcher is late with, starts a check in the background and the request answers from what is here."""
+        if self.snapshot is None:
             await self.reload()
-        elif time.monotonic() - self.checked_at > 3 * settings.GATEWAY_REFRESH_INTERVAL:
-            await self.check()
+        elif (self.local != changes.local_version() and not self._database_failed_lately()) \
+                or time.monotonic() - self.checked_at > 3 * settings.GATEWAY_REFRESH_INTERVAL:
+            self._check_soon()
         return self.snapshot
+
+    @staticmethod
+    def _pending(entry: tuple[asyncio.AbstractEventLoop, asyncio.Task] | None) -> asyncio.Task | None:
+        if entry is not None and entry[0] is asyncio.get_running_loop() and not entry[1].done():
+            return entry[1]
+        return None
+
+    def _check_soon(self) -> None:
+        """A check in the background, unless one, or a load, is under way on this loop already."""
+        if self._pending(self._checking) is None and self._pending(self._reload) is None:
+            loop = asyncio.get_running_loop()
+            self._checking = (loop, task := loop.create_task(self._check_quietly()))
+            _started_here.set(task)
+
+    async def _check_quietly(self) -> None:
+        try:
+            await self.check()
+        except Exception:
+            logger.exception("the gateway could not check its tables; trying again later")
+
+    async def settle(self) -> None:
+        """On a request's way out, after its answer: with no watcher on this loop, see the check it started through
+        (nothing else would, and the loop may end with the request: a test's own)."""
+        task = _started_here.get()
+        if task is not None:
+            _started_here.set(None)
+            loop = asyncio.get_running_loop()
+            if self._watched is not loop and task.get_loop() is loop and not task.done():
+                await asyncio.shield(task)
 
     async def check(self) -> None:
         """Reload when Redis's version moved, or when the last load is GATEWAY_RELOAD_EVERY seconds old."""
@@ -243,14 +286,26 @@ class Tables:
             await self.reload(remote)
 
     async def recheck(self) -> bool:
-        """A key or a model was not found: perhaps it is newer than these tables (or was changed by a process that
-        could not reach Redis: then a reload, at most once a second). True when the snapshot changed."""
+        """A key or a model was not found, or a model has no replica: perhaps it is newer than these tables. Waits
+        for a check or load under way; else reads the tables when this process changed something or Redis says
+        another did, or, at most once a second, when the tables are a second old (a change by a process that could
+        not reach Redis). A flood of unknown keys costs a Redis GET each and one database read a second. True when
+        the snapshot changed."""
         before = self.snapshot
-        if self._database_failed_lately():
-            return False
-        remote = await self._remote_version()
-        if (remote is not None and remote != self.version) or self.local != changes.local_version() \
-                or time.monotonic() - self.loaded_at >= 1.0:
+        for entry in (self._checking, self._reload):
+            if (task := self._pending(entry)) is not None:
+                await asyncio.shield(task)
+        if self.snapshot is not before or self._database_failed_lately():
+            return self.snapshot is not before
+        if self.local != changes.local_version():
+            await self.reload()
+            return self.snapshot is not before
+        remote = await self._remote_version()  # one GET: a change another process made is loaded at once
+        if remote is not None and remote != self.version:
+            await self.reload(remote)
+        elif time.monotonic() - self._rechecked_at >= RECHECK_EVERY and \
+                time.monotonic() - self.loaded_at >= RECHECK_EVERY:
+            self._rechecked_at = time.monotonic()
             await self.reload(remote)
         return self.snapshot is not before
 
@@ -316,12 +371,17 @@ class Tables:
 
     async def watch(self) -> None:
         """Runs for the life of the process (started by the ASGI lifespan)."""
-        while True:
-            try:
-                await self.check()
-            except Exception:
-                logger.exception("the gateway's table watcher failed; trying again")
-            await asyncio.sleep(settings.GATEWAY_REFRESH_INTERVAL)
+        loop = self._watched = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    await self.check()
+                except Exception:
+                    logger.exception("the gateway's table watcher failed; trying again")
+                await asyncio.sleep(settings.GATEWAY_REFRESH_INTERVAL)
+        finally:
+            if self._watched is loop:
+                self._watched = None
 
 
 TABLES = Tables()

@@ -271,6 +271,23 @@ async def _answered(exchange: Exchange) -> Exchange:
     return exchange
 
 
+async def answers_health_check(host: str, port: int, path: str, head: bytes, timeout: float) -> bool:
+    """Whether a backend answers GET `path` with 200 within `timeout` seconds, on a connection of its own (`head`:
+    the replica's own header lines, its host and secret)."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(b"GET %s HTTP/1.1\r\n%sconnection: close\r\n\r\n" % (path.encode(), head))
+                status_line = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError, ValueError):
+        return False
+    parts = status_line.split(b" ", 2)
+    return len(parts) >= 2 and parts[0].startswith(b"HTTP/") and parts[1] == b"200"
+
+
 class Pools:
     """The pools of the running event loop (uvicorn runs one per process; a test may run several in turn)."""
 

@@ -9,7 +9,7 @@ import time
 from datetime import UTC, date, datetime
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 
 logger = logging.getLogger(__name__)
 _decoder = json.JSONDecoder()
@@ -146,8 +146,10 @@ def _write(counts: dict, last_used: dict, minutes: dict) -> None:
     for (minute, key_id, model_name), values in minutes.items():
         _add_minute(minute, key_id, model_name, values)
 
-    for key_id, when in last_used.items():
-        ApiKey.objects.filter(pk=key_id).update(last_used_at=datetime.fromtimestamp(when, UTC))
+    for key_id, when in last_used.items():  # only forward: another process may have written a later use first
+        moment = datetime.fromtimestamp(when, UTC)
+        ApiKey.objects.filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=moment), pk=key_id).update(
+            last_used_at=moment)
     for (day, key_id, model_name), (requests, prompt, completion) in counts.items():
         increments = {"requests": F("requests") + requests, "prompt_tokens": F("prompt_tokens") + prompt,
                       "completion_tokens": F("completion_tokens") + completion}

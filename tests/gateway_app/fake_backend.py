@@ -11,6 +11,7 @@ import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import uvicorn
 from asgiref.sync import sync_to_async
 
 from gateway_app.proxy import Gateway
@@ -33,6 +34,9 @@ class FakeBackend:
     answer: dict | None = None  # a plain answer of its own (default: a chat completion with usage)
     stream_events: list[dict] | None = None  # streamed chunks of its own (default: `stream_pieces` text pieces)
     refuse_with: int = 0  # a status to answer every request with, and an error in OpenAI's shape (as llama-server)
+    health_status: int = 200  # what GET /health answers (llama-server: 503 while it loads)
+    health_checks: int = 0  # GET /health asked (not in `received`)
+    break_after_pieces: int | None = None  # each stream's connection dropped after this many events (a crash)
     received: list[dict] = field(default_factory=list)
     close_after_answer: bool = False  # as llama-server does after a stream, without saying so
     hung_up: int = 0  # answers cut short because the client closed the connection
@@ -44,8 +48,8 @@ class FakeBackend:
     port: int = 0
     _server: asyncio.base_events.Server | None = None
 
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 
@@ -62,6 +66,12 @@ class FakeBackend:
                 lines = head.decode("latin-1").split("\r\n")
                 headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
                 body = await reader.readexactly(int(headers.get("content-length", 0)))
+                if lines[0].startswith("GET /health "):
+                    self.health_checks += 1
+                    writer.write(b"HTTP/1.1 %d Health\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n"
+                                 b'{"status":"ok"}' % self.health_status)
+                    await writer.drain()
+                    continue
                 self.received.append({"path": lines[0].split(" ")[1], "headers": headers, "body": body})
                 self.busy += 1
                 self.most_busy = max(self.most_busy, self.busy)
@@ -117,9 +127,13 @@ class FakeBackend:
             else:
                 events[-1]["timings"] = {"prompt_n": 3, "predicted_n": self.stream_pieces}
             sse = [*(f"data: {json.dumps(e)}\n\n" for e in events), "data: [DONE]\n\n"]
-        for event in sse:
+        for n, event in enumerate(sse):
             if writer.transport.is_closing() or reader.at_eof():
                 self.hung_up += 1
+                return
+            if n == self.break_after_pieces:
+                await writer.drain()
+                writer.transport.abort()  # gone mid-answer, without the stream's end
                 return
             data = event.encode()
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -215,3 +229,20 @@ async def serving(model: str, *backends: FakeBackend | int, backend: str = "llam
     finally:
         for b in started:
             await b.stop()
+
+
+@asynccontextmanager
+async def uvicorn_serving(app=APP, log_level: str = "warning"):
+    """`app` (the gateway by default) served by uvicorn on a loopback port, in this event loop (so its database
+    reads see the test's); yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level=log_level))
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "uvicorn did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task

@@ -2,20 +2,18 @@
 passed through to llama-server (which speaks it), translated to and from chat completions for vLLM, streamed and
 not; errors in Anthropic's shape; the key in `x-api-key` or `Authorization: Bearer`; tokens counted."""
 
-import asyncio
 import json
 from contextlib import asynccontextmanager
 
 import anthropic
 import httpx
 import pytest
-import uvicorn
 from asgiref.sync import async_to_sync
 
 from gateway_app.anthropic import StreamTranslation
 from gateway_app.models import ApiKey, Usage
 from gateway_app.proxy import flush_usage
-from tests.gateway_app.fake_backend import APP, FakeBackend, free_port, serving
+from tests.gateway_app.fake_backend import FakeBackend, free_port, serving, uvicorn_serving
 
 pytestmark = pytest.mark.django_db
 HELLO = [{"role": "user", "content": "hi"}]
@@ -28,21 +26,10 @@ def key(admin_user) -> str:
 
 @asynccontextmanager
 async def gateway(key: str | None = None, **client_args):
-    """The gateway app served by uvicorn on a loopback port, in this event loop (so its database reads see the
-    test's), and an Anthropic client pointed at it."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(APP, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
-    task = asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "uvicorn did not start"
-        await asyncio.sleep(0.01)
-    try:
-        async with anthropic.AsyncAnthropic(base_url=f"http://127.0.0.1:{port}", api_key=key, max_retries=0,
-                                            **client_args) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        await task
+    """The gateway served by uvicorn, and an Anthropic client pointed at it."""
+    async with uvicorn_serving() as url, anthropic.AsyncAnthropic(base_url=url, api_key=key, max_retries=0,
+                                                                   **client_args) as client:
+        yield client
 
 
 def test_llama_server_answers_in_its_own_messages_api(key):

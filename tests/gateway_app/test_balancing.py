@@ -1,9 +1,9 @@
 """Requests go to the least busy running replica (equally busy ones in turn); a replica that refuses the connection
-passes the request on to another, and one that keeps refusing is passed over until its cooldown ends."""
+passes the request on to another, and one that keeps refusing is passed over until its health check passes
+(test_failing_replica_health.py)."""
 
 import asyncio
 import json
-import time
 
 import pytest
 from asgiref.sync import async_to_sync
@@ -31,20 +31,27 @@ def test_equally_busy_replicas_take_turns():
     assert [pick(r).instance_id for _ in range(4)] == [2, 0, 2, 0]
 
 
-def test_a_replica_that_keeps_failing_is_passed_over_until_its_cooldown_ends(settings):
-    settings.GATEWAY_REPLICA_FAILURES, settings.GATEWAY_REPLICA_COOLDOWN = 3, 60
-    r = route(0, 5)
+def test_a_replica_that_keeps_failing_is_passed_over_even_when_it_once_answers(settings):
+    settings.GATEWAY_REPLICA_FAILURES = 3
+    r = route(0, 5, 7)
     failing = r.replicas[0]
-    for _ in range(2):
+
+    @async_to_sync
+    async def run():
+        for _ in range(2):
+            note_failure(failing)
+        picks = [pick(r)]  # two failures: still the least busy
         note_failure(failing)
-    assert pick(r) is failing  # two failures: still the least busy
-    note_failure(failing)
-    assert pick(r).instance_id == 1  # three: skipped, busy as the other one is
-    assert pick(r, tried={1}) is failing  # nothing else left: better a try than no answer
-    failing.skip_until = time.monotonic() - 1  # the cooldown is over: one request tries it again
-    assert pick(r) is failing
-    note_success(failing)
-    assert failing.failures == 0 and failing.skip_until == 0
+        picks += [pick(r), pick(r, tried={1}), pick(r, tried={1, 2})]
+        note_success(failing)  # the last resort worked once: only its health check lets it back
+        picks.append(pick(r))
+        checking = failing.health_check is not None and not failing.health_check.done()
+        return picks, checking
+
+    picks, checking = run()
+    # Three failures: passed over, busy as the others are; with nothing else left, better a try than no answer.
+    assert [p.instance_id for p in picks] == [0, 1, 2, 0, 1]
+    assert failing.skipped_at and checking
 
 
 def test_a_long_answer_keeps_new_requests_off_its_replica(admin_user):
@@ -88,7 +95,7 @@ def test_requests_spread_over_equally_busy_replicas(admin_user):
 
 
 def test_a_refused_connection_goes_to_another_replica_and_the_refuser_is_then_skipped(admin_user, settings):
-    settings.GATEWAY_REPLICA_FAILURES, settings.GATEWAY_REPLICA_COOLDOWN = 3, 60
+    settings.GATEWAY_REPLICA_FAILURES = 3
     key = ApiKey.issue(admin_user, "k")[1]
 
     @async_to_sync
@@ -101,8 +108,8 @@ def test_a_refused_connection_goes_to_another_replica_and_the_refuser_is_then_sk
     answers, served = run()
     assert [a["status"] for a in answers] == [200] * 10 and served == 10
     refuser = next(r for r in TABLES.snapshot.routes["tiny"].replicas if r.failures)
-    assert refuser.failures == 3  # tried three times, then no more during its cooldown
-    assert refuser.skip_until > time.monotonic()
+    assert refuser.failures == 3  # tried three times, then no more while its health check fails
+    assert refuser.skipped_at
 
 
 def test_when_every_replica_refuses_the_answer_is_502(admin_user):

@@ -77,3 +77,13 @@ def test_a_failed_write_keeps_the_counts_for_the_next(admin_user, monkeypatch):
     monkeypatch.undo()
     async_to_sync(flush_usage)()
     assert Usage.objects.get().prompt_tokens == 3 and not usage.METER.counts
+
+
+def test_a_key_s_last_use_only_moves_forward_whichever_process_writes_last(admin_user):
+    key, _ = ApiKey.issue(admin_user, "k")
+    later, earlier = 1_800_000_100.0, 1_800_000_000.0
+    usage.write({}, {key.pk: later})  # one web process flushes its newer mark first
+    usage.write({}, {key.pk: earlier})  # another, holding an older one, flushes after it
+    assert ApiKey.objects.get(pk=key.pk).last_used_at.timestamp() == later
+    usage.write({}, {key.pk: later + 5})
+    assert ApiKey.objects.get(pk=key.pk).last_used_at.timestamp() == later + 5
