@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test setup venv backend migrate messages browser lint test-postgres clean
 
 run: setup
-	$(PY) manage.py up
+	@$(PY) manage.py up
 
 test: setup browser
 	$(PY) -m pytest
@@ -16,25 +16,38 @@ test: setup browser
 setup: venv backend migrate messages
 
 venv: $(STAMP)
+	@echo "[1/4] Python packages: ready"
 
+# Each step of `make setup` says what it is doing: the first run installs packages and builds llama.cpp (minutes);
+# later runs find them done and say so in a line each.
 $(STAMP): requirements.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "aiMindServe needs Python 3.11 or newer")'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	sha256sum requirements.txt > $(STAMP)
+	@echo "[1/4] Python packages: installing requirements.txt into $(VENV)/ (a minute or more the first time)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@{ $(PY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt 2>&1; \
+		echo "pip-exit $$?"; } | tee $(VENV)/pip-install.log | awk '\
+		/^Collecting /          { n++; if (n % 10 == 0) { printf "      %d packages fetched\n", n; fflush() } } \
+		/^Installing collected/ { printf "      installing %d packages\n", n; fflush() } \
+		/^ERROR|^error/          { print; fflush() } \
+		/^pip-exit /            { if ($$2 != 0) print "      pip failed: its whole output is in $(VENV)/pip-install.log"; \
+		                          exit $$2 }'
+	@sha256sum requirements.txt > $(STAMP)
 
 backend: venv
-	$(PY) manage.py install_backend llama-box
+	@echo "[2/4] llama.cpp server (llama-box): built once, with its progress in percent (minutes the first time)"
+	@$(PY) manage.py install_backend llama-box
 
 migrate: venv
-	$(PY) manage.py migrate --noinput --verbosity 0
-	$(PY) manage.py bootstrap_admin
+	@echo "[3/4] database: migrating, and the first admin user"
+	@$(PY) manage.py migrate --noinput --verbosity 0
+	@$(PY) manage.py bootstrap_admin
 
 # The pages' Simplified Chinese (locale/zh_Hans): compiled from the .po kept in the repo.
 messages: venv
+	@echo "[4/4] page translations: compiling"
 	@command -v msgfmt >/dev/null || { echo "installing GNU gettext (msgfmt) for the pages' translations"; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq gettext; }
-	$(PY) manage.py compilemessages --ignore=.venv --ignore=data --verbosity 0
+	@$(PY) manage.py compilemessages --ignore=.venv --ignore=data --verbosity 0
 
 # The browser tests drive Debian's chromium (Playwright's own browser download is unreachable here).
 # A CJK font too, so the Chinese pages' screenshots show characters, not boxes.

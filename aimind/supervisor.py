@@ -67,9 +67,10 @@ def line_level(line: str, previous: int) -> int:
     return previous
 
 
-def log_handler(path: Path) -> logging.Handler:
+def log_handler(path: Path, max_bytes: int = LOG_FILE_BYTES) -> logging.Handler:
+    """A log file that moves to `<name>.1` (then `.2`, `.3`; older ones are dropped) when it would pass max_bytes."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_FILE_BYTES, backupCount=3, encoding="utf-8")
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=max_bytes, backupCount=3, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s"))
     return handler
 
@@ -99,18 +100,20 @@ class Child:
 
 class Supervisor:
     """`console_level`: the children's lines at or above it are echoed to the console (prefixed with the child's
-    name); every line goes to `<data dir>/logs/<child>.log` (rotated)."""
+    name); every line goes to `<data dir>/logs/<child>.log` (rotated at `log_file_bytes`)."""
 
-    def __init__(self, env: dict[str, str], data_dir: Path, console_level: int = logging.WARNING):
+    def __init__(self, env: dict[str, str], data_dir: Path, console_level: int = logging.WARNING,
+                 log_file_bytes: int = LOG_FILE_BYTES):
         self.env = env
         self.data_dir = data_dir
         self.console_level = console_level
+        self.log_file_bytes = log_file_bytes
         self.children: list[Child] = []
         self.stopping = threading.Event()
 
     def spawn(self, child: Child) -> Child:
         if child.log is None:
-            child.log = log_handler(self.data_dir / "logs" / f"{child.name}.log")
+            child.log = log_handler(self.data_dir / "logs" / f"{child.name}.log", self.log_file_bytes)
         child.popen = subprocess.Popen(child.cmd, env=self.env, start_new_session=True, preexec_fn=die_with_parent,
                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         threading.Thread(target=self._pump, args=(child, child.popen), daemon=True, name=f"log-{child.name}").start()

@@ -1,56 +1,49 @@
-"""How close the llama.cpp RAM estimate is to what llama-server really uses, on CPU.
+"""How close the product's memory claim for a llama.cpp model is to what its worker measures it using, on CPU.
 
-    .venv/bin/python bench/estimate_accuracy.py [--shapes small,medium,large] [--keep DIR] [--show-log]
+    .venv/bin/python bench/estimate_accuracy.py [--shapes small,medium,large] [--heartbeats 5] [--keep DIR]
+                                                [--show-log]
 
 Writes three random-weight llama GGUFs (a few hundred MB each, different layer counts, widths, FFN sizes and
-vocabularies; F16 / Q8_0 data, the tiny_gguf tokenizer padded to the vocabulary size) to a temporary folder,
-starts `llama-server -ngl 0 --ctx-size C` on each (C = the estimator's default, 8192), sends a few chat and
-completion requests so the weights, KV cache and compute buffers are touched, and compares the predicted RAM
-(`estimate(info, ctx_size=C, gpu_count=0).ram`) with the measured peak RSS (VmHWM). Goal: within ±15%.
+vocabularies; F16 / Q8_0 data, the tiny_gguf tokenizer padded to the vocabulary size) to a temporary folder, runs
+the product (`manage.py up`, as the end-to-end tests and bench/gateway.py do) and deploys each model in turn. The
+scheduler claims its memory (the instance's `computed_resource_claim`, at the context size it gives llama-server,
+8192 by default); a few chat and completion requests through the gateway touch the weights, KV cache and compute
+buffers; the worker measures the backend's process tree at every heartbeat (PSS, and on NVIDIA GPUs its VRAM: the
+instance's `measured`). The bench keeps the largest measurement over the heartbeats from `running` until
+`--heartbeats` more have come after the requests, and compares it with the claim. Goal: within ±15 % (the
+over-claim flag's line).
 llama.cpp mmaps the weights with MAP_POPULATE, so the whole file counts in the RSS (file-backed) from the start;
 KV cache and compute buffers are anonymous. llama-server also keeps a prompt cache (`--cache-ram`, 8 GiB by
-default) that grows with every distinct long prompt; the estimate leaves it out, and the table shows how much of
+default) that grows with every distinct long prompt; the claim leaves it out, and the table shows how much of
 it these few requests left behind. Runs `--log-verbosity 4`, the level at which llama-server reports its buffers.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 
 import gguf
+import httpx
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scheduler_app.estimators.gguf import (  # noqa: E402
-    PROCESS_OVERHEAD,
-    compute_buffer_bytes,
-    estimate,
-    kv_cache_bytes,
-    model_info,
-)
+from bench.product import deploy, start_system  # noqa: E402
+from scheduler_app.estimators.gguf import PROCESS_OVERHEAD, compute_buffer_bytes, kv_cache_bytes, model_info  # noqa: E402
 from scheduler_app.estimators.gguf_reader import read_gguf_header  # noqa: E402
 from tests.fixtures.sparse_gguf import _vocab  # noqa: E402
 from tests.fixtures.tiny_gguf import _tensor_name, add_chatml_tokenizer_tail, add_llama_hparams  # noqa: E402
-from workers_app import measure as backend_measure  # noqa: E402
 
 MIB = 1024**2
-DEFAULT_CTX = 8192
 GOAL = 0.15
 
 
@@ -145,96 +138,100 @@ def write_random_llama(path: pathlib.Path, shape: Shape, seed: int = 0) -> pathl
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float = 300) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
 def _status_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return 0
 
 
-class _Sampler(threading.Thread):
-    """Samples the process tree every 20 ms the way a worker measures a backend for its instance's `measured`
-    (workers_app.measure: PSS of the tree); keeps the peak."""
+def total(figures: dict | None) -> int:
+    """RAM and VRAM together, of a claim or a measurement (the over-claim flag compares the same sums)."""
+    figures = figures or {}
+    return int(figures.get("ram") or 0) + sum(int(v or 0) for v in (figures.get("vram") or {}).values())
 
-    def __init__(self, pid: int):
+
+class Heartbeats(threading.Thread):
+    """Reads the instance from the API a few times per heartbeat and keeps each new `measured` (one per heartbeat:
+    the server stamps its time)."""
+
+    def __init__(self, client: httpx.Client, instance_id: int):
         super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = 0
+        self.client = client
+        self.instance_id = instance_id
+        self.seen: dict[str, dict] = {}
+        self.last: dict = {}
         self.stop = threading.Event()
+        self.lock = threading.Lock()
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            pids = backend_measure.tree_pids(self.pid)
-            if not pids:
-                return
-            self.peak = max(self.peak, backend_measure.tree_memory(pids))
-            self.stop.wait(0.02)
+        while not self.stop.wait(0.25):
+            try:
+                instance = self.client.get(f"/api/v1/instances/{self.instance_id}").json()
+            except httpx.HTTPError:
+                continue
+            measured = instance.get("measured") or {}
+            with self.lock:
+                self.last = instance
+                if measured.get("at"):
+                    self.seen.setdefault(measured["at"], measured)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.seen)
 
 
-def measure(server: pathlib.Path, model: pathlib.Path, ctx_size: int, log_path: pathlib.Path,
-            extra_args: tuple[str, ...] = ()) -> dict:
-    """Start llama-server on `model`, exercise it, and return its memory numbers (bytes) and buffer sizes (MiB)."""
-    port = _free_port()
-    cmd = [str(server), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-ngl", "0",
-           "--ctx-size", str(ctx_size), "--log-verbosity", "4", *extra_args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    sampler = _Sampler(proc.pid)
-    sampler.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {proc.returncode}; see {log_path}")
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"llama-server not healthy after 180 s; see {log_path}")
-            time.sleep(0.1)
-        # A long prompt (full 512-token micro-batches through every layer), then chats that generate.
-        _post(base + "/completion", {"prompt": "hello the world is " * 100, "n_predict": 16, "ignore_eos": True})
-        for text in ("Say hello.", "Write a long story about a cat."):
-            _post(base + "/v1/chat/completions", {"messages": [{"role": "user", "content": text}],
-                                                  "max_tokens": 32, "temperature": 0.8})
-        _post(base + "/completion", {"prompt": "hi", "n_predict": 1})  # logs the prompt cache's state
-        time.sleep(0.2)
-        numbers = {
-            "hwm": _status_kib(proc.pid, "VmHWM") * 1024,
-            "rss_anon": _status_kib(proc.pid, "RssAnon") * 1024,
-            "rss_file": _status_kib(proc.pid, "RssFile") * 1024,
-            "sampled_peak": sampler.peak,
-            "worker": backend_measure.measure({0: proc.pid})["0"]["ram"],  # what the instance's `measured` says
-        }
-    finally:
-        sampler.stop.set()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        sampler.join(timeout=1)
-    numbers.update(parse_buffers(log_path.read_text(errors="replace")))
-    return numbers
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def measure(system, name: str, model: pathlib.Path, heartbeats: int) -> dict:
+    """Deploy `model`, exercise it through the gateway, and return its claim, the worker's measurements (bytes),
+    the kernel's view of the process, and llama-server's buffer sizes (MiB)."""
+    instance = deploy(system, name, model, ["--log-verbosity", "4"], timeout=300)
+    with system.client() as c:
+        watch = Heartbeats(c, instance["id"])
+        watch.start()
+        try:
+            _wait(lambda: watch.count() >= 1, 60, f"{name}'s first measurement")
+            started_log = c.get(f"/api/v1/instances/{instance['id']}/logs", params={"tail": 10000}).text
+            # A long prompt (full 512-token micro-batches through every layer), then chats that generate.
+            for route, body in (("completions", {"prompt": "hello the world is " * 100, "max_tokens": 16,
+                                                 "ignore_eos": True}),
+                                ("chat/completions", {"messages": [{"role": "user", "content": "Say hello."}],
+                                                      "max_tokens": 32, "temperature": 0.8}),
+                                ("chat/completions", {"messages": [{"role": "user", "content":
+                                                                    "Write a long story about a cat."}],
+                                                      "max_tokens": 32, "temperature": 0.8}),
+                                ("completions", {"prompt": "hi", "max_tokens": 1})):  # logs the prompt cache's state
+                answer = c.post(f"/v1/{route}", json={"model": name, **body}, timeout=300)
+                assert answer.status_code == 200, answer.text
+            after = watch.count()
+            _wait(lambda: watch.count() >= after + heartbeats, 30 + 10 * heartbeats,
+                  f"{heartbeats} heartbeats after the requests")
+            pid = instance["pid"]
+            kernel = {"hwm": _status_kib(pid, "VmHWM") * 1024, "rss_anon": _status_kib(pid, "RssAnon") * 1024,
+                      "rss_file": _status_kib(pid, "RssFile") * 1024}
+            final_log = c.get(f"/api/v1/instances/{instance['id']}/logs", params={"tail": 10000}).text
+        finally:
+            watch.stop.set()
+            watch.join(timeout=5)
+        c.delete(f"/api/v1/models/{instance['model']}")
+    samples = list(watch.seen.values())
+    peak = max(samples, key=total)
+    return {"claim": watch.last.get("computed_resource_claim") or instance["computed_resource_claim"],
+            "measured": total(peak), "heartbeats": len(samples),
+            "flagged": any(sample.get("over_claim") for sample in samples), **kernel,
+            "buffers": parse_buffers(started_log)["buffers"],
+            "prompt_cache_mib": parse_buffers(final_log)["prompt_cache_mib"]}
 
 
 _BUFFER_RE = re.compile(r"(CPU_Mapped model|CPU_REPACK model|CPU model|CPU KV|CPU compute|CPU +output)"
@@ -254,13 +251,13 @@ def parse_buffers(log: str) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", default=",".join(s.name for s in SHAPES))
-    parser.add_argument("--keep", help="write the models (and logs) here and keep them")
+    parser.add_argument("--shapes", default=",".join(s.name for s in SHAPES),
+                        help="which models to measure (all three: about 2 minutes on 2 cores)")
+    parser.add_argument("--heartbeats", type=int, default=5,
+                        help="measurements to wait for after the requests; the largest of all counts")
+    parser.add_argument("--keep", help="write the models (and the product's data) here and keep them")
     parser.add_argument("--show-log", action="store_true", help="print llama-server's buffer report per model")
     args = parser.parse_args()
-    from workers_app.backends.llama_box_install import ensure
-
-    server = ensure().server
     wanted = [s for s in SHAPES if s.name in args.shapes.split(",")]
     work = pathlib.Path(args.keep or tempfile.mkdtemp(prefix="aimind-estimate-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -273,38 +270,51 @@ def main() -> int:
                 write_random_llama(path, shape)
                 elapsed = time.perf_counter() - started
                 print(f"wrote {path.name}: {path.stat().st_size / MIB:.0f} MiB in {elapsed:.1f} s", flush=True)
-            info = model_info([read_gguf_header(path)])
-            ctx = min(DEFAULT_CTX, info.context_length or DEFAULT_CTX)
-            predicted = estimate(info, ctx_size=ctx, gpu_count=0).ram
-            measured = measure(server, path, ctx, work / f"{shape.name}.log")
-            rows.append((shape, path.stat().st_size, info, ctx, predicted, measured))
-            if args.show_log:
-                print(f"  {shape.name}: llama-server buffers (MiB) {measured['buffers']}, prompt cache "
-                      f"{measured['prompt_cache_mib']:.1f} MiB; estimator: kv "
-                      f"{kv_cache_bytes(info, ctx, info.n_layer) / MIB:.1f}, compute "
-                      f"{compute_buffer_bytes(info, ctx) / MIB:.1f}, overhead {PROCESS_OVERHEAD / MIB:.0f}", flush=True)
+        product = work / "product"
+        shutil.rmtree(product, ignore_errors=True)
+        product.mkdir()
+        system = start_system(product, worker_name="estimate-worker")
+        try:
+            for shape in wanted:
+                path = work / f"{shape.name}-{shape.dtype.lower()}.gguf"
+                info = model_info([read_gguf_header(path)])
+                m = measure(system, f"estimate-{shape.name}", path, args.heartbeats)
+                rows.append((shape, path.stat().st_size, info, m))
+                print(f"measured {shape.name}: {m['heartbeats']} heartbeats", flush=True)
+                if args.show_log:
+                    ctx = int(m["claim"].get("ctx_size") or 0)
+                    print(f"  {shape.name}: llama-server buffers (MiB) {m['buffers']}, prompt cache "
+                          f"{m['prompt_cache_mib']:.1f} MiB; estimator: kv "
+                          f"{kv_cache_bytes(info, ctx, info.n_layer) / MIB:.1f}, compute "
+                          f"{compute_buffer_bytes(info, ctx) / MIB:.1f}, overhead {PROCESS_OVERHEAD / MIB:.0f}",
+                          flush=True)
+        finally:
+            system.stop()
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"{'shape':<7} {'layers x embd x ff / vocab':<27} {'type':<5} {'file':>5} {'ctx':>5} {'predicted':>9} "
-          f"{'VmHWM':>6} {'sampled':>7} {'worker':>6} {'error':>7} | {'KV':>4} {'compute: llama':>14} {'est.':>5} "
-          f"{'prompt cache':>12} {'anon':>5} {'file-backed':>11}")
+    print(f"{'shape':<7} {'layers x embd x ff / vocab':<27} {'type':<5} {'file':>5} {'ctx':>5} {'claim':>6} "
+          f"{'measured':>8} {'beats':>5} {'error':>7} {'flag':>4} {'VmHWM':>6} | {'KV':>4} {'compute: llama':>14} "
+          f"{'est.':>5} {'prompt cache':>12} {'anon':>5} {'file-backed':>11}")
     worst = 0.0
-    for shape, size, info, ctx, predicted, m in rows:
-        error = (predicted - m["hwm"]) / m["hwm"]
+    for shape, size, info, m in rows:
+        claim, ctx = total(m["claim"]), int(m["claim"].get("ctx_size") or 0)
+        error = (claim - m["measured"]) / m["measured"]
         worst = max(worst, abs(error))
         dims = f"{shape.n_layer} x {shape.n_embd} x {shape.n_ff} / {shape.n_vocab}"
         buffers = m["buffers"]
-        print(f"{shape.name:<7} {dims:<27} {shape.dtype:<5} {size / MIB:>5.0f} {ctx:>5} {predicted / MIB:>9.0f} "
-              f"{m['hwm'] / MIB:>6.0f} {m['sampled_peak'] / MIB:>7.0f} {m['worker'] / MIB:>6.0f} {error:>+7.1%} | "
-              f"{buffers.get('CPU KV', 0):>4.0f} {buffers.get('CPU compute', 0):>14.1f} "
+        print(f"{shape.name:<7} {dims:<27} {shape.dtype:<5} {size / MIB:>5.0f} {ctx:>5} {claim / MIB:>6.0f} "
+              f"{m['measured'] / MIB:>8.0f} {m['heartbeats']:>5} {error:>+7.1%} {'yes' if m['flagged'] else 'no':>4} "
+              f"{m['hwm'] / MIB:>6.0f} | {buffers.get('CPU KV', 0):>4.0f} {buffers.get('CPU compute', 0):>14.1f} "
               f"{compute_buffer_bytes(info, ctx) / MIB:>5.1f} {m['prompt_cache_mib']:>12.1f} "
               f"{m['rss_anon'] / MIB:>5.0f} {m['rss_file'] / MIB:>11.0f}")
-    print("(all sizes in MiB; sampled: the peak of the worker's own measurement (PSS of the process tree) every "
-          "20 ms; worker: what the instance's `measured` would say at the end; error = (predicted - VmHWM) / VmHWM; "
-          "right of | : llama-server's own buffer report, the estimator's compute allowance, and the RSS split)")
+    print("(all sizes in MiB; claim: the instance's computed_resource_claim, RAM + VRAM; measured: the largest of the "
+          "worker's measurements (the instance's `measured`: PSS of the backend's process tree, + its VRAM) over "
+          "`beats` heartbeats; error = (claim - measured) / measured; flag: the product flagged it as using more "
+          "than it claimed; VmHWM: the kernel's peak RSS of llama-server, for reference; right of | : "
+          "llama-server's own buffer report, the estimator's compute allowance, and the RSS split)")
     print(f"\nworst error {worst:.1%} (goal ±{GOAL:.0%}): {'OK' if worst <= GOAL else 'MISSED'}")
     return 0 if worst <= GOAL else 1
 

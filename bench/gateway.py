@@ -30,6 +30,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.product import deploy as deploy_model  # noqa: E402
 from tests.e2e.system import start_system  # noqa: E402
 from tests.fixtures.tiny_gguf import write_tiny_llama  # noqa: E402
 
@@ -77,12 +78,7 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
 
 def deploy(system, model: Path) -> tuple[str, str]:
     """The model running; (its llama-server's chat URL, the backend's own key)."""
-    with system.client() as c:
-        created = c.post("/api/v1/models", json={"name": MODEL, "source": "local_path", "replicas": 1,
-                                                 "local_path": str(model),
-                                                 "backend_parameters": PARAMETERS})
-        assert created.status_code == 201, created.text
-    [instance] = system.wait_for_instances(created.json()["id"], "running", timeout=120)
+    instance = deploy_model(system, MODEL, model, PARAMETERS)
     key = psutil.Process(instance["pid"]).environ()["LLAMA_API_KEY"]
     return f"http://127.0.0.1:{instance['port']}/v1/chat/completions", key
 

@@ -38,6 +38,15 @@ def percentile(buckets: list[int], q: float) -> float | None:
     return LATENCY_BUCKETS[-1]
 
 
+def latencies(buckets: list[int]) -> dict:
+    """A row's p50 and p95 in milliseconds (None without requests) from its latency histogram."""
+    found = {}
+    for name, q in (("p50_ms", 0.5), ("p95_ms", 0.95)):
+        seconds = percentile(buckets, q)
+        found[name] = None if seconds is None else round(seconds * 1000, 1)
+    return found
+
+
 def dashboard_data(window: str) -> dict:
     from gateway_app.models import UsageMinute
     from workers_app.models import WorkerSample
@@ -56,7 +65,7 @@ def dashboard_data(window: str) -> dict:
     models: dict[str, dict] = defaultdict(lambda: {"requests": 0, "errors": 0, "prompt_tokens": 0,
                                                    "completion_tokens": 0, "seconds": 0.0, "buckets": [0] * BUCKETS})
     keys: dict[tuple, dict] = defaultdict(lambda: {"requests": 0, "errors": 0, "prompt_tokens": 0,
-                                                   "completion_tokens": 0})
+                                                   "completion_tokens": 0, "buckets": [0] * BUCKETS})
     # (("key", id) or ("model", name), minute) → [requests, tokens]: for the busiest minute beside each limit
     minutes: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     rows = UsageMinute.objects.filter(minute__gte=start).values_list(
@@ -72,23 +81,21 @@ def dashboard_data(window: str) -> dict:
         total["prompt_tokens"] += prompt
         total["completion_tokens"] += completion
         total["seconds"] += seconds
-        total["buckets"] = [a + b for a, b in zip(total["buckets"], padded(buckets, BUCKETS), strict=True)]
+        buckets = padded(buckets, BUCKETS)
+        total["buckets"] = [a + b for a, b in zip(total["buckets"], buckets, strict=True)]
         by_key = keys[(key_id, key_name or "—")]
         by_key["requests"] += n
         by_key["errors"] += errors
         by_key["prompt_tokens"] += prompt
         by_key["completion_tokens"] += completion
+        by_key["buckets"] = [a + b for a, b in zip(by_key["buckets"], buckets, strict=True)]
         minutes[(("key", key_id), minute)][0] += n
         minutes[(("key", key_id), minute)][1] += prompt + completion
         minutes[(("model", model), minute)][0] += n
-    model_rows = []
-    for name, total in sorted(models.items()):
-        p50, p95 = percentile(total["buckets"], 0.5), percentile(total["buckets"], 0.95)
-        model_rows.append({"model": name, **{k: total[k] for k in ("requests", "errors", "prompt_tokens",
-                                                                     "completion_tokens")},
-                           "p50_ms": None if p50 is None else round(p50 * 1000, 1),
-                           "p95_ms": None if p95 is None else round(p95 * 1000, 1)})
-    key_rows = [{"key": name, "id": key_id, **values}
+    counted = ("requests", "errors", "prompt_tokens", "completion_tokens")
+    model_rows = [{"model": name, **{k: total[k] for k in counted}, **latencies(total["buckets"])}
+                  for name, total in sorted(models.items())]
+    key_rows = [{"key": name, "id": key_id, **{k: values[k] for k in counted}, **latencies(values["buckets"])}
                 for (key_id, name), values in sorted(keys.items(), key=lambda kv: kv[0][1])]
     _add_limits(model_rows, key_rows, minutes)
 

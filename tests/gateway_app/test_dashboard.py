@@ -93,7 +93,8 @@ def test_the_last_hour_and_the_last_day(admin_user):
     chat = hour["models"][0]
     assert 10 < chat["p50_ms"] <= 50 and chat["p95_ms"] <= 50  # within the (10 ms, 50 ms] buckets
     assert hour["keys"] == [{"key": "team", "id": ApiKey.objects.get(name="team").pk, "requests": 12, "errors": 1,
-                             "prompt_tokens": 120, "completion_tokens": 240, "limits": [], "allowed_models": []}]
+                             "prompt_tokens": 120, "completion_tokens": 240, "p50_ms": 25.0, "p95_ms": 47.5,
+                             "limits": [], "allowed_models": []}]
     charts = hour["charts"]
     assert len(charts["x"]) == 60 and charts["x"][-1] - charts["x"][0] == 59 * 60
     requests = {s["label"]: s["values"] for s in charts["requests"]}
@@ -104,6 +105,30 @@ def test_the_last_hour_and_the_last_day(admin_user):
     assert {s["label"]: s["values"][-1] for s in charts["gpu_memory"]} == {"w:0": 0.0}
     day = dashboard_data("day")
     assert len(day["charts"]["x"]) == 144 and day["models"][0]["requests"] == 19  # ten hours ago counts
+
+
+def test_each_api_key_has_its_own_latency_percentiles(admin_user):
+    seed(admin_user)
+    slow, _ = ApiKey.issue(admin_user, "slow")
+    now = timezone.now().replace(second=0, microsecond=0)
+    UsageMinute.objects.create(minute=now, api_key=slow, model_name="chat", requests=20,
+                               latency_buckets=histogram(b5=10, b7=10))  # half in (100, 250] ms, half in (0.5, 1] s
+    UsageMinute.objects.create(minute=now, api_key=None, model_name="chat", requests=0)
+    keys = {k["key"]: k for k in dashboard_data("hour")["keys"]}
+    # team: 2 under 5 ms, 4 in (10, 25] ms, 6 in (25, 50] ms — the 6th request ends the second bucket
+    assert (keys["team"]["p50_ms"], keys["team"]["p95_ms"]) == (25.0, 47.5)
+    assert (keys["slow"]["p50_ms"], keys["slow"]["p95_ms"]) == (250.0, 950.0)
+    assert (keys["—"]["p50_ms"], keys["—"]["p95_ms"]) == (None, None)  # no requests: no latency to tell
+    chat = dashboard_data("hour")["models"][0]
+    assert chat["requests"] == 30 and 500 < chat["p95_ms"] <= 1000  # the model's rows mix both keys
+    client = Client()
+    client.force_login(admin_user)
+    page = client.get("/dashboard/").content.decode()
+    assert f'<a href="/keys/{slow.pk}/edit/"' in page
+    row = page[page.index('<tr data-key="slow">'):]
+    assert "<td>250.0 ms</td><td>950.0 ms</td>" in row[:row.index("</tr>")]
+    row = page[page.index('<tr data-key="—">'):]
+    assert "<td>—</td><td>—</td>" in row[:row.index("</tr>")]
 
 
 def test_the_page_shows_the_tables_and_carries_the_series(admin_user):

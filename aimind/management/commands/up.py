@@ -70,16 +70,26 @@ class Command(BaseCommand):
         return level
 
     def summary(self) -> None:
+        console(self.summary_text())
+
+    @staticmethod
+    def summary_text() -> str:
+        """What a person needs after start-up: where it answers, how to sign in, how workers join, where the logs
+        are."""
         data = settings.DATA_DIR
         password = data / "initial_admin_password"
-        sign_in = (f"user admin, first password in {password}" if password.exists() and
-                   not os.environ.get("AIMIND_BOOTSTRAP_PASSWORD") else "user admin (AIMIND_BOOTSTRAP_PASSWORD)")
+        if password.exists():  # bootstrap_admin wrote it: the admin was made without AIMIND_BOOTSTRAP_PASSWORD
+            sign_in = f"user admin, first password in {password}"
+        elif os.environ.get("AIMIND_BOOTSTRAP_PASSWORD", "").strip():
+            sign_in = "user admin (AIMIND_BOOTSTRAP_PASSWORD)"
+        else:
+            sign_in = "user admin"
         lines = [f"aiMindServe is running at http://{settings.HOST}:{settings.PORT}/",
                  f"  pages /, admin /admin/, API /api/v1/ (docs /api/docs/), OpenAI /v1/ — sign in as {sign_in}",
                  f"  workers join with AIMIND_SERVER_URL and the token in {data / 'token'}",
                  f"  logs: {data / 'logs'}/ (the console shows {settings.LOG_LEVEL.lower()} and above: "
                  f"AIMIND_LOG_LEVEL=INFO for more). Ctrl-C stops it."]
-        console("\n".join(lines))
+        return "\n".join(lines)
 
     @staticmethod
     def watch_workers(stopping: threading.Event) -> None:
