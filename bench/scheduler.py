@@ -3,7 +3,10 @@
     .venv/bin/python bench/scheduler.py [--placements 1000] [--sizes 10,100,1000,10000]
 
 Uses a throw-away SQLite database (or DATABASE_URL) and an 8B-shaped sparse GGUF (Q4_K_M, ctx 8192). An evaluation
-reads the cluster itself, as POST /api/v1/evaluations does. Under a minute on two cores.
+reads the cluster itself, as POST /api/v1/evaluations does. Each worker's status is shaped as a worker reports it
+(CPU, RAM and per-GPU use, its backends). The "live" columns give every worker a new status before each pass and
+each evaluation (untimed), as heartbeats do every few seconds: new CPU, RAM and GPU use, and new figures for what
+processes outside the product hold on its GPUs. A few minutes on two cores.
 Goals: ≥ 2,000 placements/s and one evaluation ≤ 50 ms at 1,000 workers; cost growing no faster than linearly with
 the cluster.
 """
@@ -11,6 +14,7 @@ the cluster.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -41,16 +45,44 @@ from workers_app.models import Worker  # noqa: E402
 GIB = 1024**3
 
 
+BACKENDS = {  # what a worker reports of its backends (workers_app.inventory.backend_capabilities)
+    "llama-box": {"variant": "cuda-12.4", "installable": True, "reason": "", "default_version": "0.3.36",
+                  "installed": ["0.3.36"]},
+    "vllm": {"variant": "cuda", "installable": True, "reason": "", "default_version": "0.32.0", "installed": []},
+    "vox-box": {"variant": "", "installable": True, "reason": "", "default_version": "0.0.21", "installed": []},
+}
+
+
+def status(i: int, beat: int) -> dict:
+    """Worker i's status at heartbeat `beat`: the same inventory every time, its use figures new at each beat."""
+    def use(g: int) -> int:
+        return (i * 31 + g * 7 + beat * 13) % 97
+    return {
+        "cpu": {"total": 64, "utilization": use(-1)}, "memory": {"total": 512 * GIB, "used": (40 + use(-2)) * GIB},
+        "gpus": [{"index": g, "name": "NVIDIA H100 80GB HBM3", "vendor": "nvidia", "uuid": f"GPU-{i:04d}-{g}",
+                  "memory": {"total": 80 * GIB, "used": use(g) * 2**28, "used_by_others": use(g) * 2**20},
+                  "core": {"utilization": use(g)}, "compute_capability": "9.0"} for g in range(8)],
+        "backends": BACKENDS,
+    }
+
+
 def cluster(n_workers: int) -> None:
     Worker.objects.all().delete()
     now = timezone.now()
     Worker.objects.bulk_create([
-        Worker(name=f"w{i:04d}", ip="10.0.0.1", last_heartbeat_at=now, labels={"rack": str(i % 10)}, status={
-            "cpu": {"total": 64}, "memory": {"total": 512 * GIB, "used": 0},
-            "gpus": [{"index": g, "name": "H100", "vendor": "nvidia", "memory": {"total": 80 * GIB, "used": 0}}
-                     for g in range(8)]})
+        Worker(name=f"w{i:04d}", ip="10.0.0.1", last_heartbeat_at=now, labels={"rack": str(i % 10)},
+               status=status(i, 0))
         for i in range(n_workers)
     ])
+
+
+def heartbeat(beat: int) -> None:
+    """Every worker reports again (untimed): a new status, as each heartbeat brings."""
+    workers = list(Worker.objects.order_by("id").only("id", "name"))
+    for worker in workers:
+        worker.status = status(int(worker.name[1:]), beat)
+        worker.last_heartbeat_at = timezone.now()
+    Worker.objects.bulk_update(workers, ["status", "last_heartbeat_at"], batch_size=1000)
 
 
 def deploy(path: Path, replicas: int, strategy: str) -> list[int]:
@@ -71,13 +103,16 @@ def main() -> None:
     for n in (int(s) for s in args.sizes.split(",")):
         cluster(n)
         row = {"workers": n, "gpus": n * 8}
-        for strategy in ("spread", "binpack"):
+        beats = itertools.count(1)
+        for strategy, live in (("spread", False), ("binpack", False), ("spread", True)):
             ids = deploy(model_path, args.placements, strategy)
+            if live:
+                heartbeat(next(beats))
             began = time.perf_counter()
             outcome = schedule_instances(ids)
             elapsed = time.perf_counter() - began
             placed = sum(1 for state in outcome.values() if state == "scheduled")
-            row[f"{strategy}_per_s"] = placed / elapsed
+            row[f"{strategy}_per_s" + ("_live" if live else "")] = placed / elapsed
         ids = deploy(model_path, 20, "spread")
         one_by_one = []
         for instance_id in ids:
@@ -86,21 +121,26 @@ def main() -> None:
             one_by_one.append(time.perf_counter() - began)
         row["single_ms"] = statistics.median(one_by_one) * 1000
         spec = {"name": "eval", "source": "local_path", "local_path": str(model_path)}
-        timings = []
-        for _ in range(5):
-            began = time.perf_counter()
-            result = evaluate_spec(spec)  # reads the cluster itself, as POST /api/v1/evaluations does
-            timings.append(time.perf_counter() - began)
-        assert result["compatible"], result["message"][:500]
-        row["evaluation_ms"] = statistics.median(timings) * 1000
+        for live in (False, True):
+            timings = []
+            for _ in range(5):
+                if live:
+                    heartbeat(next(beats))
+                began = time.perf_counter()
+                result = evaluate_spec(spec)  # reads the cluster itself, as POST /api/v1/evaluations does
+                timings.append(time.perf_counter() - began)
+                assert result["compatible"], result["message"][:500]
+            row["evaluation_ms" + ("_live" if live else "")] = statistics.median(timings) * 1000
         rows.append(row)
     print(f"\n{args.placements} pending instances of an 8B Q4_K_M (ctx 8192) placed in one scheduler pass; "
-          "80 GiB GPUs, 8 per worker\n")
-    header = f"{'workers':>8} {'GPUs':>6} {'spread/s':>10} {'binpack/s':>10} {'one task ms':>12} {'evaluation ms':>14}"
+          "80 GiB GPUs, 8 per worker; live: every worker's status new before each pass and evaluation\n")
+    header = (f"{'workers':>8} {'GPUs':>6} {'spread/s':>10} {'binpack/s':>10} {'live spread/s':>14} "
+              f"{'one task ms':>12} {'evaluation ms':>14} {'live eval ms':>13}")
     print(header)
     for r in rows:
         print(f"{r['workers']:>8} {r['gpus']:>6} {r['spread_per_s']:>10.0f} {r['binpack_per_s']:>10.0f} "
-              f"{r['single_ms']:>12.1f} {r['evaluation_ms']:>14.1f}")
+              f"{r['spread_per_s_live']:>14.0f} {r['single_ms']:>12.1f} {r['evaluation_ms']:>14.1f} "
+              f"{r['evaluation_ms_live']:>13.1f}")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         growth = (last["single_ms"] / first["single_ms"]) / (last["workers"] / first["workers"])

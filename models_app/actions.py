@@ -77,10 +77,14 @@ def do_create_model(**fields) -> Model:
     return model
 
 
+def _by(user: str) -> str:
+    return f" by {user}" if user else ""
+
+
 @transaction.atomic
-def do_update_model(model: Model, fields: dict) -> Model:
+def do_update_model(model: Model, fields: dict, by: str = "") -> Model:
     """Changing `replicas` scales at once; other fields apply to instances created from now on
-    (running ones are left alone and show as outdated)."""
+    (running ones are left alone and show as outdated). `by`: who asked (named in a deleted instance's history)."""
     changed = {name for name, value in fields.items() if getattr(model, name) != value}
     for name, value in fields.items():
         setattr(model, name, value)
@@ -89,7 +93,9 @@ def do_update_model(model: Model, fields: dict) -> Model:
         changed.add("config_version")
         # Instances stopped by an error no restart can fix get their next try now, with the new configuration.
         _delete_instances(list(ModelInstance.objects.filter(model=model, state=InstanceState.ERROR,
-                                                            error_kind=ErrorKind.PERMANENT).select_related("worker")))
+                                                            error_kind=ErrorKind.PERMANENT).select_related("worker")),
+                          f"its model was edited{_by(by)}: failed for good, it is replaced by an instance with the "
+                          f"new configuration")
     # Only what changed: the scheduler may be writing the detected categories or backend at the same moment.
     model.save(update_fields=[*sorted(changed), "updated_at"])
     model.refresh_from_db(fields=["config_version"])
@@ -97,18 +103,19 @@ def do_update_model(model: Model, fields: dict) -> Model:
         lifecycle.do_note_outdated(model, sorted(changed - {"config_version"}))
     if model.sleep_after_minutes is None and Model.objects.filter(pk=model.pk, asleep=True).update(asleep=False):
         model.asleep = False  # no longer a model that sleeps: it wakes
-    do_sync_replicas(model)
+    do_sync_replicas(model, f"scale-down: its model was edited{_by(by)} to {model.replicas} replicas")
     return model
 
 
 @transaction.atomic
-def do_scale_model(model: Model, replicas: int) -> Model:
+def do_scale_model(model: Model, replicas: int, by: str = "") -> Model:
     if replicas < 0:
         raise ValueError("replicas must be >= 0")
     # Start and Stop are the operator's word: a sleeping model started runs now (and may sleep again when idle).
     Model.objects.filter(pk=model.pk).update(replicas=replicas, asleep=False)
     model.replicas, model.asleep = replicas, False
-    do_sync_replicas(model)
+    do_sync_replicas(model, f"its model was stopped{_by(by)}" if replicas == 0 else
+                     f"scale-down: its model was scaled{_by(by)} to {replicas} replicas")
     return model
 
 
@@ -117,8 +124,9 @@ def wanted_replicas(model: Model) -> int:
     return 0 if model.asleep else model.replicas
 
 
-def do_sync_replicas(model: Model) -> None:
-    """Create or delete instances until the model has exactly as many as it wants (`wanted_replicas`)."""
+def do_sync_replicas(model: Model, reason: str = "") -> None:
+    """Create or delete instances until the model has exactly as many as it wants (`wanted_replicas`). `reason`:
+    why, in the history of an instance it deletes."""
     with transaction.atomic():
         # Lock the model row so two scalers never both add (or both remove) the same replica.
         model = Model.objects.select_for_update().filter(pk=model.pk).first()
@@ -129,38 +137,55 @@ def do_sync_replicas(model: Model) -> None:
         if missing > 0:
             _after_commit_schedule(_new_instance(model).id for _ in range(missing))
         elif missing < 0:
-            _delete_instances(current[:-missing])
+            _delete_instances(current[:-missing], reason or f"scale-down: its model wants {wanted_replicas(model)} "
+                                                             f"replicas")
 
 
-def _delete_instances(instances: list[ModelInstance]) -> None:
+def _delete_instances(instances: list[ModelInstance], reason: str) -> None:
+    """Delete the instances; each one's history is kept and ends with a `deleted` event saying `reason`."""
+    from workers_app.models import Worker
+
     deleted_ids = set()
+    model_names = dict(Model.objects.filter(pk__in={i.model_id for i in instances}).values_list("pk", "name"))
+    worker_names = dict(Worker.objects.filter(pk__in={i.worker_id for i in instances if i.worker_id}).values_list(
+        "pk", "name"))
     for instance in instances:
         # The row first, locked: a transition under way (it locks the row too, and writes an event) finishes before
-        # the delete collects the instance's events, or finds the instance gone; never an event for a deleted row.
-        if not ModelInstance.objects.select_for_update().filter(pk=instance.pk).exists():
+        # the delete, so the `deleted` event comes last and says the state it was deleted in; a transition that
+        # comes after finds the instance gone and records nothing.
+        row = ModelInstance.objects.select_for_update().filter(pk=instance.pk).values_list(
+            "state", "name", "worker_id").first()
+        if row is None:
             continue
         count, _ = ModelInstance.objects.filter(pk=instance.pk).delete()
         if count:  # someone else may have deleted it first: then they stop it too
             deleted_ids.add(instance.pk)
+            state, name, worker_id = row
+            if worker_id and worker_id not in worker_names:  # placed elsewhere since it was read
+                worker_names[worker_id] = Worker.objects.filter(pk=worker_id).values_list("name", flat=True).first()
+            worker = worker_names.get(worker_id) if worker_id else None
+            lifecycle.note_deleted(instance.pk, state, reason, {
+                "instance_name": name, "model_id": instance.model_id,
+                "model_name": model_names.get(instance.model_id, ""), "worker_name": worker or ""})
     _after_commit_stop(i for i in instances if i.pk in deleted_ids)
 
 
 @transaction.atomic
-def do_delete_instance(instance: ModelInstance) -> None:
-    """End the instance; the model's replica count brings a new one (with a new id)."""
+def do_delete_instance(instance: ModelInstance, by: str = "") -> None:
+    """End the instance; the model's replica count brings a new one (with a new id). `by`: who asked."""
     model_id = instance.model_id
-    _delete_instances([instance])
+    _delete_instances([instance], f"deleted{_by(by)}; the model's replica count brings a new instance")
     model = Model.objects.filter(pk=model_id).first()
     if model is not None:
         do_sync_replicas(model)
 
 
 @transaction.atomic
-def do_delete_model(model: Model) -> None:
+def do_delete_model(model: Model, by: str = "") -> None:
     """Stop the instances, then remove the model. Deleting twice, or at once from two places, is harmless."""
     Model.objects.filter(pk=model.pk).update(replicas=0)
     model.replicas = 0
-    do_sync_replicas(model)
+    do_sync_replicas(model, f"its model {model.name} was deleted{_by(by)}")
     Model.objects.filter(pk=model.pk).delete()
 
 
@@ -197,7 +222,8 @@ def do_sleep_model(model: Model, message: str, idle_before: datetime | None = No
         if found is None or (idle_before is not None and (found.starting or active_at(found) >= idle_before)):
             return False
         Model.objects.filter(pk=model.pk).update(asleep=True, updated_at=timezone.now())
-        _delete_instances(list(ModelInstance.objects.filter(model=model.pk).select_related("worker")))
+        _delete_instances(list(ModelInstance.objects.filter(model=model.pk).select_related("worker")),
+                          f"its model was put to sleep: {message}")
     model.asleep = True
     logger.info("model %s is asleep: %s", model.name, message)
     return True

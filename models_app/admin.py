@@ -84,27 +84,28 @@ class ModelAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         if change:  # the form already wrote into `obj`: compare with the stored model, or nothing looks changed
             stored = Model.objects.get(pk=obj.pk)
-            actions.do_update_model(stored, {f: form.cleaned_data[f] for f in form.changed_data})
+            actions.do_update_model(stored, {f: form.cleaned_data[f] for f in form.changed_data},
+                                    by=request.user.get_username())
         else:
             obj.pk = actions.do_create_model(**{f: form.cleaned_data[f] for f in form.cleaned_data}).pk
 
     def delete_model(self, request, obj):
-        actions.do_delete_model(obj)
+        actions.do_delete_model(obj, by=request.user.get_username())
 
     def delete_queryset(self, request, queryset):
         for model in queryset:
-            actions.do_delete_model(model)
+            actions.do_delete_model(model, by=request.user.get_username())
 
     @admin.action(description="Stop (replicas → 0)")
     def stop_models(self, request, queryset):
         for model in queryset:
-            actions.do_scale_model(model, 0)
+            actions.do_scale_model(model, 0, by=request.user.get_username())
         messages.success(request, f"Stopped {queryset.count()} model(s).")
 
     @admin.action(description="Start (replicas → 1)")
     def start_models(self, request, queryset):
         for model in queryset:
-            actions.do_scale_model(model, 1)
+            actions.do_scale_model(model, 1, by=request.user.get_username())
         messages.success(request, f"Started {queryset.count()} model(s).")
 
 
@@ -133,8 +134,8 @@ class ModelInstanceAdmin(admin.ModelAdmin):
         return obj.outdated
 
     def delete_model(self, request, obj):
-        actions.do_delete_instance(obj)
+        actions.do_delete_instance(obj, by=request.user.get_username())
 
     def delete_queryset(self, request, queryset):
         for instance in queryset:
-            actions.do_delete_instance(instance)
+            actions.do_delete_instance(instance, by=request.user.get_username())

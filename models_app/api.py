@@ -2,15 +2,21 @@ from __future__ import annotations
 
 from django.db.models import Count, Q
 from django.http import HttpResponse
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.response import Response
 
 from models_app import actions
-from models_app.choices import InstanceState
-from models_app.models import Model, ModelInstance
-from models_app.serializers import InstanceEventSerializer, ModelInstanceSerializer, ModelSerializer
+from models_app.choices import DELETED, InstanceState
+from models_app.models import MAX_ID, InstanceEvent, Model, ModelInstance
+from models_app.serializers import (
+    DeletedInstanceSerializer,
+    InstanceEventSerializer,
+    ModelInstanceSerializer,
+    ModelSerializer,
+)
 from workers_app import logs
 
 
@@ -26,13 +32,14 @@ class ModelViewSet(viewsets.ModelViewSet):
         serializer.instance = actions.do_create_model(**serializer.validated_data)
 
     def perform_update(self, serializer):
-        serializer.instance = actions.do_update_model(serializer.instance, serializer.validated_data)
+        serializer.instance = actions.do_update_model(serializer.instance, serializer.validated_data,
+                                                      by=self.request.user.get_username())
 
     def perform_destroy(self, instance):
-        actions.do_delete_model(instance)
+        actions.do_delete_model(instance, by=self.request.user.get_username())
 
     def _scaled(self, replicas: int) -> Response:
-        model = actions.do_scale_model(self.get_object(), replicas)
+        model = actions.do_scale_model(self.get_object(), replicas, by=self.request.user.get_username())
         return Response(self.get_serializer(self.get_queryset().get(pk=model.pk)).data)
 
     @extend_schema(request=None, responses=ModelSerializer)
@@ -74,15 +81,35 @@ class ModelInstanceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mix
     queryset = ModelInstance.objects.select_related("worker", "model").order_by("id")
 
     def perform_destroy(self, instance):
-        actions.do_delete_instance(instance)
+        actions.do_delete_instance(instance, by=self.request.user.get_username())
 
     @extend_schema(responses=InstanceEventSerializer(many=True))
     @action(detail=True, methods=["get"])
     def events(self, request, pk=None):
-        """The instance's history: every transition, oldest first (kept for AIMIND_EVENT_RETENTION_DAYS)."""
-        instance = self.get_object()
-        page = self.paginate_queryset(instance.events.order_by("id"))
+        """The instance's history: every transition, oldest first (kept for AIMIND_EVENT_RETENTION_DAYS). A deleted
+        instance's history answers too, ending with its `deleted` event, until it is pruned."""
+        if not str(pk).isascii() or not str(pk).isdigit() or int(pk) > MAX_ID:
+            raise NotFound()
+        history = InstanceEvent.objects.filter(instance_id=int(pk)).order_by("id")
+        if not ModelInstance.objects.filter(pk=int(pk)).exists() and not history.exists():
+            raise NotFound()
+        page = self.paginate_queryset(history)
         return self.get_paginated_response(InstanceEventSerializer(page, many=True).data)
+
+    @extend_schema(parameters=[OpenApiParameter("model", int, description="Only this model's (by id).")],
+                   responses=DeletedInstanceSerializer(many=True))
+    @action(detail=False, methods=["get"])
+    def deleted(self, request):
+        """Instances deleted within AIMIND_EVENT_RETENTION_DAYS, newest first, from their last event: when, why and
+        by whom; each one's history is at `/api/v1/instances/{id}/events`."""
+        found = InstanceEvent.objects.filter(to_state=DELETED).order_by("-id")
+        model = request.query_params.get("model", "")
+        if model:
+            if not model.isascii() or not model.isdigit() or int(model) > MAX_ID:
+                raise ValidationError({"model": ["a model id"]})
+            found = found.filter(details__model_id=int(model))
+        page = self.paginate_queryset(found)
+        return self.get_paginated_response(DeletedInstanceSerializer(page, many=True).data)
 
     @extend_schema(parameters=[TailQuery], responses={(200, "text/plain"): str})
     @action(detail=True, methods=["get"])

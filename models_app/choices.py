@@ -64,6 +64,10 @@ class InstanceState(models.TextChoices):
         return frozenset(s for s, targets in INSTANCE_TRANSITIONS.items() if target in targets)
 
 
+# Not a state an instance can be in: the `to_state` of the event recorded when its row is deleted (its history is kept).
+DELETED = "deleted"
+EVENT_STATE_CHOICES = [*InstanceState.choices, (DELETED, _("Deleted"))]
+
 _S = InstanceState
 # Every move an instance may make, declared once: the lifecycle's one transition function refuses any other.
 INSTANCE_TRANSITIONS: dict[str, frozenset[str]] = {

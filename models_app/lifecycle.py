@@ -15,7 +15,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from aimind import metrics
-from models_app.choices import BackendChoices, ErrorKind, InstanceState
+from models_app.choices import DELETED, BackendChoices, ErrorKind, InstanceState
 from models_app.models import InstanceEvent, Model, ModelInstance
 
 logger = logging.getLogger(__name__)
@@ -46,20 +46,24 @@ class IllegalTransition(ValueError):
     """Code asked for a move the lifecycle does not have: a bug, never a user's doing."""
 
 
-def _insert_events(moves: list[tuple[int, str]], to: str, cause: str, message: str | list[str], now) -> None:
+def _insert_events(moves: list[tuple[int, str]], to: str, cause: str, message: str | list[str], now, *,
+                   restart_at=None, details: list[dict] | None = None) -> None:
     """One event per (instance id, from state): one INSERT run for all rows (executemany), a sixth of what
-    bulk_create's per-object work costs; `message` is one for all or one each."""
+    bulk_create's per-object work costs; `message` is one for all or one each, `details` one each (default none).
+    `restart_at`: the restart a failure booked, for all."""
     messages = [message] * len(moves) if isinstance(message, str) else message
     meta = InstanceEvent._meta
-    columns = [meta.get_field(name).column for name in ("instance", "time", "from_state", "to_state", "cause",
-                                                        "message")]
+    names = ("instance", "time", "from_state", "to_state", "cause", "message", "restart_at", "details")
+    columns = [meta.get_field(name).column for name in names]
     quote = connection.ops.quote_name
     sql = (f"INSERT INTO {quote(meta.db_table)} ({', '.join(quote(c) for c in columns)}) "
            f"VALUES ({', '.join(['%s'] * len(columns))})")
     when = meta.get_field("time").get_db_prep_save(now, connection)
+    restart = meta.get_field("restart_at").get_db_prep_save(restart_at, connection)
+    kept = [meta.get_field("details").get_db_prep_save(d, connection) for d in details or [{}] * len(moves)]
     with connection.cursor() as cursor:
-        cursor.executemany(sql, [(pk, when, state, to, cause, text[:4000])
-                                 for (pk, state), text in zip(moves, messages, strict=True)])
+        cursor.executemany(sql, [(pk, when, state, to, cause, text[:4000], restart, extra)
+                                 for (pk, state), text, extra in zip(moves, messages, kept, strict=True)])
 
 
 def _transition(instances: ModelInstance | Iterable[int], to: str, *, cause: str, message: str = "",
@@ -92,7 +96,9 @@ def _transition(instances: ModelInstance | Iterable[int], to: str, *, cause: str
             for pk, _, _, parts in rows:
                 if parts:
                     ModelInstance.objects.filter(pk=pk).update(distributed_servers=_parts_start_over(parts))
-        _insert_events([(pk, state) for pk, state, *_ in rows], to, cause, message, now)
+        # A failure's event keeps the restart it booked: the timeline shows it after the restart happened too.
+        booked = fields.get("next_restart_at") if to == S.ERROR else None
+        _insert_events([(pk, state) for pk, state, *_ in rows], to, cause, message, now, restart_at=booked)
         instances_moved.send(sender=ModelInstance, ids=moved)
     for _, state, name, _ in rows:
         logger.info("instance %s: %s -> %s (%s) %s", name, state, to, cause, message)
@@ -231,6 +237,7 @@ def do_fail_instance(instance: ModelInstance, message: str, *, from_states: Iter
         return failed
     restart = Model.objects.filter(pk=instance.model_id, restart_on_error=True).exists()
     next_at = timezone.now() + timedelta(seconds=restart_delay(instance.restart_count)) if restart else None
+    # The failed event keeps `next_at` as its restart_at ("restart booked for T" on the timeline).
     return bool(_transition(instance, S.ERROR, cause=cause, message=message, from_states=from_states,
                             error_kind=ErrorKind.TRANSIENT, pid=None, running_since=None, next_restart_at=next_at))
 
@@ -288,11 +295,12 @@ def do_note_alive(instance_ids: Iterable[int]) -> None:
 
 OVER_CLAIM_RATIO = 1.15  # a backend using more than its claim by this much is flagged
 OVER_CLAIM_FLOOR = 4 * 1024**2  # and by at least this many bytes (a few MB over a tiny claim is no news)
+OVER_CLAIM_CLEAR_RATIO = 1.05  # a flagged one stays flagged until it is back below this (no event per wobble)
 
 
-def over_claim(claim: dict, measured: dict) -> str:
-    """What a backend uses beyond its claim (RAM, each GPU), by more than 15 %: "" when within it or the claim is
-    unknown."""
+def over_claim(claim: dict, measured: dict, ratio: float = OVER_CLAIM_RATIO, floor: int = OVER_CLAIM_FLOOR) -> str:
+    """What a backend uses beyond its claim (RAM, each GPU), by more than 15 % (`ratio`) and `floor` bytes: "" when
+    within it or the claim is unknown."""
     if not claim or claim.get("unknown"):
         return ""
     gib = 1024**3
@@ -303,7 +311,7 @@ def over_claim(claim: dict, measured: dict) -> str:
     for name, claimed, used in pairs:
         if not claimed:  # nothing claimed there (a GPU-only backend's RAM, a GPU it was not placed on): no yardstick
             continue
-        if used > claimed * OVER_CLAIM_RATIO and used - claimed > OVER_CLAIM_FLOOR:
+        if used > claimed * ratio and used - claimed > floor:
             more = f"+{(used / claimed - 1) * 100:.0f} %"
             found.append(f"{name}: uses {used / gib:.2f} GiB, claimed {claimed / gib:.2f} GiB ({more})")
     return "; ".join(found)
@@ -312,7 +320,8 @@ def over_claim(claim: dict, measured: dict) -> str:
 def do_note_measured(worker_id: int, measured: dict[str, dict]) -> list[int]:
     """A worker's sample of what its backends really use (`measured` by instance id): kept on each instance that is
     still starting or running there, with `over_claim` saying where it uses more than it claimed. Crossing into
-    over-claim records an event (once, until it is back within its claim). Returns the ids flagged just now."""
+    over-claim (above 115 %) records an event; the flag then stays until its use is back below 105 % of the claim,
+    so a use hovering around the line records one event, not one per crossing. Returns the ids flagged just now."""
     by_id = {int(key): sample for key, sample in measured.items() if str(key).isascii() and str(key).isdigit()}
     if not by_id:
         return []
@@ -326,9 +335,11 @@ def do_note_measured(worker_id: int, measured: dict[str, dict]) -> list[int]:
             sample = by_id[pk]
             kept = {"ram": int(sample.get("ram") or 0),
                     "vram": {str(i): int(v) for i, v in (sample.get("vram") or {}).items()}, "at": now.isoformat()}
-            kept["over_claim"] = over_claim(claim or {}, kept)
+            was_over = bool((before or {}).get("over_claim"))
+            kept["over_claim"] = (over_claim(claim or {}, kept, OVER_CLAIM_CLEAR_RATIO, 0) if was_over
+                                  else over_claim(claim or {}, kept))
             ModelInstance.objects.filter(pk=pk).update(measured=kept)
-            if kept["over_claim"] and not (before or {}).get("over_claim"):
+            if kept["over_claim"] and not was_over:
                 flagged.append(pk)
                 events.append(((pk, state), f"uses more than it claimed: {kept['over_claim']}"))
         for move, message in events:
@@ -347,6 +358,13 @@ def do_note_outdated(model: Model, fields: list[str]) -> None:
     now = timezone.now()
     for state, moves in _by_state(rows).items():
         _insert_events(moves, state, "outdated", message, now)
+
+
+def note_deleted(instance_id: int, state: str, message: str, details: dict) -> None:
+    """The instance's row is being deleted (models_app.actions, under its lock): its history gets a last event,
+    `deleted`, saying why and by whom, with `details` keeping its name, model and worker (the row is gone)."""
+    _insert_events([(instance_id, state)], DELETED, "deleted", message, timezone.now(), details=[details])
+    logger.info("instance %s: %s -> deleted: %s", details.get("instance_name") or instance_id, state, message)
 
 
 def _by_state(rows: list[tuple[int, str]]) -> dict[str, list[tuple[int, str]]]:
@@ -472,8 +490,9 @@ def do_sweep_stuck(stuck_after: float | None = None) -> dict[str, int]:
 
 
 def do_prune_events(keep_days: float | None = None) -> int:
-    """Instance histories older than AIMIND_EVENT_RETENTION_DAYS, and the dashboard's per-minute samples older than
-    AIMIND_SAMPLE_RETENTION_HOURS, are deleted. Returns the events deleted."""
+    """Instance histories older than AIMIND_EVENT_RETENTION_DAYS (deleted instances' too: their events outlive the
+    row until then), and the dashboard's per-minute samples older than AIMIND_SAMPLE_RETENTION_HOURS, are deleted.
+    Returns the events deleted."""
     from gateway_app.models import UsageMinute
     from workers_app.models import WorkerSample
 

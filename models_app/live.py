@@ -14,12 +14,13 @@ import logging
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.template.defaultfilters import filesizeformat
 from django.template.loader import render_to_string
 from django.utils import translation
 from django.utils.translation.trans_real import get_supported_language_variant, parse_accept_lang_header
 
 from models_app.consumers import staff_user
-from models_app.models import Model, ModelInstance
+from models_app.models import Model, ModelInstance, claimed_total, measured_total
 
 logger = logging.getLogger(__name__)
 POLL_SECONDS = 0.5
@@ -28,14 +29,27 @@ _SHOWN = ("state", "state_message", "download_progress", "restart_count", "next_
           "gpu_indexes", "config_version", "error_kind", "name")
 
 
+def memory_shown(measured: dict | None, claim: dict | None) -> tuple:
+    """What an instance's row shows of its memory (the over-claim badge, used / claimed as the page rounds them):
+    the digest changes when the text does, not with every byte a heartbeat measures (sizes are written as in
+    English, whatever the caller's language: the digest must not depend on it)."""
+    used, claimed = measured_total(measured), claimed_total(claim)
+    return ((measured or {}).get("over_claim") or "", None if used is None else filesizeformat(used),
+            None if claimed is None else filesizeformat(claimed))
+
+
 def snapshot() -> dict[int, str]:
     """{model id: a digest of everything its rows show} (stable across processes: the page and the socket may be
     served by different ones)."""
     shown: dict[int, list] = {pk: list(rest) for pk, *rest in Model.objects.values_list(
         "id", "name", "replicas", "updated_at", "config_version", "description", "asleep")}
-    for row in ModelInstance.objects.order_by("id").values_list("model_id", "id", *_SHOWN):
-        if row[0] in shown:
-            shown[row[0]].append(row[1:])
+    rows = ModelInstance.objects.order_by("id").values_list("model_id", "id", *_SHOWN, "measured",
+                                                             "computed_resource_claim")
+    with translation.override("en"):
+        for row in rows:
+            if row[0] in shown:
+                *plain, measured, claim = row[1:]
+                shown[row[0]].append((*plain, memory_shown(measured, claim)))
     return {pk: hashlib.sha1(repr(rows).encode()).hexdigest()[:16] for pk, rows in shown.items()}
 
 

@@ -5,6 +5,7 @@ from django.db.models import Q
 from django.utils.translation import gettext_lazy as _
 
 from models_app.choices import (
+    EVENT_STATE_CHOICES,
     BackendChoices,
     ErrorKind,
     InstanceState,
@@ -145,23 +146,59 @@ class ModelInstance(models.Model):
         return self.config_version < self.model.config_version
 
     @property
+    def claimed_bytes(self) -> int | None:
+        """RAM and VRAM it claims, together (None: the claim is unknown or not made yet)."""
+        return claimed_total(self.computed_resource_claim)
+
+    @property
+    def measured_bytes(self) -> int | None:
+        """RAM and VRAM its worker last measured it using, together (None: not measured)."""
+        return measured_total(self.measured)
+
+    @property
     def offloads_to_cpu(self) -> bool:
         claim = self.computed_resource_claim or {}
         return int(claim.get("offload_layers") or 0) < int(claim.get("total_layers") or 0)
 
 
-class InstanceEvent(models.Model):
-    """One transition in an instance's history: when, from which state to which, why, and what it said."""
+def claimed_total(claim: dict | None) -> int | None:
+    """A claim's RAM and VRAM together; None when unknown or not made."""
+    if not claim or claim.get("unknown"):
+        return None
+    return int(claim.get("ram") or 0) + sum(int(v or 0) for v in (claim.get("vram") or {}).values())
 
-    instance = models.ForeignKey(ModelInstance, on_delete=models.CASCADE, related_name="events")
+
+def measured_total(measured: dict | None) -> int | None:
+    """A measurement's RAM and VRAM together; None when not measured."""
+    if not measured or not measured.get("at"):
+        return None
+    return int(measured.get("ram") or 0) + sum(int(v or 0) for v in (measured.get("vram") or {}).values())
+
+
+MAX_ID = 2**63 - 1  # the largest id a row can have: a larger one in a URL finds nothing (the database would refuse it)
+
+
+class InstanceEvent(models.Model):
+    """One transition in an instance's history: when, from which state to which, why, and what it said. The history
+    outlives the instance: deleting it records a last event (`deleted`) and leaves the others (no database
+    constraint ties them to the row); AIMIND_EVENT_RETENTION_DAYS prunes them like any other."""
+
+    instance = models.ForeignKey(ModelInstance, on_delete=models.DO_NOTHING, db_constraint=False,
+                                 related_name="events")
     time = models.DateTimeField(auto_now_add=True, db_index=True)
     from_state = models.CharField(max_length=16, choices=InstanceState.choices)
-    to_state = models.CharField(max_length=16, choices=InstanceState.choices)
+    to_state = models.CharField(max_length=16, choices=EVENT_STATE_CHOICES)
     cause = models.CharField(max_length=32, help_text="What happened, in one word (placed, failed, restart, …).")
     message = models.TextField(blank=True, default="")
+    restart_at = models.DateTimeField(null=True, blank=True,
+                                      help_text="A failure: when it booked the instance's restart (null: none).")
+    details = models.JSONField(default=dict, blank=True,
+                               help_text="A deletion: the instance's name, model (id and name) and worker, kept "
+                                         "since the row is gone.")
 
     class Meta:
         ordering = ["id"]
+        indexes = [models.Index(fields=["to_state", "id"], name="event_to_state_id")]  # the deleted ones, newest first
         verbose_name = _("Instance event")
         verbose_name_plural = _("Instance events")
 

@@ -183,7 +183,25 @@ class ModelInstanceSerializer(serializers.ModelSerializer):
 
 
 class InstanceEventSerializer(serializers.ModelSerializer):
+    restart_at = serializers.DateTimeField(read_only=True, allow_null=True, help_text=(
+        "A failure: when it booked the instance's restart (its time, when at once); null when it booked none."))
+    details = serializers.DictField(read_only=True, help_text=(
+        "A deletion (to_state `deleted`): instance_name, model_id, model_name, worker_name; else empty."))
+
     class Meta:
         model = InstanceEvent
-        fields = ["time", "from_state", "to_state", "cause", "message"]
+        fields = ["time", "from_state", "to_state", "cause", "message", "restart_at", "details"]
         read_only_fields = fields
+
+
+class DeletedInstanceSerializer(serializers.Serializer):
+    """A deleted instance, from its last event (its row is gone; its history stays for AIMIND_EVENT_RETENTION_DAYS)."""
+
+    id = serializers.IntegerField(source="instance_id")
+    name = serializers.CharField(source="details.instance_name", default="")
+    model = serializers.IntegerField(source="details.model_id", default=None, allow_null=True)
+    model_name = serializers.CharField(source="details.model_name", default="")
+    worker_name = serializers.CharField(source="details.worker_name", default="")
+    state = serializers.CharField(source="from_state", help_text="The state it was in when it was deleted.")
+    deleted_at = serializers.DateTimeField(source="time")
+    message = serializers.CharField(help_text="Why, and by whom.")

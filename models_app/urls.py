@@ -16,6 +16,7 @@ urlpatterns = [
             name="model-action"),
     path("instances/<int:pk>/delete/", views.InstanceDeleteView.as_view(), name="instance-delete"),
     path("instances/<int:pk>/", views.InstanceDetailView.as_view(), name="instance"),
+    path("instances/deleted/", views.DeletedInstancesView.as_view(), name="instances-deleted"),
     path("instances/<int:pk>/logs/", views.InstanceLogsView.as_view(), name="instance-logs"),
     path("instances/<int:pk>/logs/download", views.InstanceLogDownloadView.as_view(), name="instance-log-download"),
     path("resources/", ResourcesView.as_view(), name="resources"),

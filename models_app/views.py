@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from datetime import datetime
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.mixins import LoginRequiredMixin, UserPassesTestMixin
 from django.db.models import Count, Prefetch, Q
@@ -20,9 +21,9 @@ from django.views import View
 from django.views.generic import TemplateView
 
 from models_app import actions
-from models_app.choices import InstanceState, PlacementStrategyChoices, SourceChoices
+from models_app.choices import DELETED, InstanceState, PlacementStrategyChoices, SourceChoices
 from models_app.forms import changed_fields, form_values, model_data_from_post
-from models_app.models import Model, ModelInstance
+from models_app.models import MAX_ID, InstanceEvent, Model, ModelInstance
 from models_app.portable import ImportRefused, export_models, import_models
 from models_app.validation import validate_model
 from workers_app import logs
@@ -144,7 +145,7 @@ class ModelFormView(AdminRequiredMixin, View):
             model = actions.do_create_model(**validated)
             messages.success(request, _("Model %(name)s deployed.") % {"name": model.name})
         else:
-            actions.do_update_model(model, changed_fields(model, validated))
+            actions.do_update_model(model, changed_fields(model, validated), by=request.user.get_username())
             messages.success(request, _("Model %(name)s saved.") % {"name": model.name})
         return redirect("models")
 
@@ -208,14 +209,15 @@ class ModelActionView(AdminRequiredMixin, View):
 
     def post(self, request, pk: int, action: str):
         model = get_object_or_404(Model, pk=pk)
+        by = request.user.get_username()
         if action == "stop":
-            actions.do_scale_model(model, 0)
+            actions.do_scale_model(model, 0, by=by)
             messages.success(request, _("Model %(name)s stopped.") % {"name": model.name})
         elif action == "start":
-            actions.do_scale_model(model, 1)
+            actions.do_scale_model(model, 1, by=by)
             messages.success(request, _("Model %(name)s started.") % {"name": model.name})
         elif action == "delete":
-            actions.do_delete_model(model)
+            actions.do_delete_model(model, by=by)
             messages.success(request, _("Model %(name)s deleted.") % {"name": model.name})
         return redirect("models")
 
@@ -225,7 +227,7 @@ class InstanceDeleteView(AdminRequiredMixin, View):
 
     def post(self, request, pk: int):
         instance = get_object_or_404(ModelInstance, pk=pk)
-        actions.do_delete_instance(instance)
+        actions.do_delete_instance(instance, by=request.user.get_username())
         messages.success(request, _("Instance %(name)s deleted; a new one replaces it.") % {"name": instance.name})
         return redirect("models")
 
@@ -270,22 +272,50 @@ CAUSE_LABELS = {
     "outdated": _lazy("Configuration changed"),
     "answers_probe": _lazy("Worker silent, backend still answers"),
     "made_room": _lazy("Idle models put to sleep to make room"),
+    "health_failed": _lazy("Health check failed"), "deleted": _lazy("Deleted"),
 }
 TIMELINE_EVENTS = 200  # the last ones shown
 
 
+def timeline(instance_id: int) -> list[InstanceEvent]:
+    """The instance's last TIMELINE_EVENTS events, oldest first, each with its `label` and, for a failure that
+    booked a restart, `restart_in` (seconds after the failure; 0: at once)."""
+    events = list(InstanceEvent.objects.filter(instance_id=instance_id).order_by("-id")[:TIMELINE_EVENTS])[::-1]
+    for event in events:
+        event.label = CAUSE_LABELS.get(event.cause, event.cause)
+        event.restart_in = (max(0.0, (event.restart_at - event.time).total_seconds())
+                            if event.restart_at is not None else None)
+    return events
+
+
 class InstanceDetailView(AdminRequiredMixin, TemplateView):
-    """One instance: where it runs and why there, what it claims, and its history as a timeline."""
+    """One instance: where it runs and why there, what it claims, and its history as a timeline. A deleted instance
+    (its row is gone, its history kept) gets a page of its history alone, ending in Deleted."""
 
     template_name = "models/instance.html"
     extra_context = {"nav": "models"}
     permissions = ("models_app.view_modelinstance",)
 
+    def get_template_names(self):
+        return ["models/instance_deleted.html" if self.instance is None else self.template_name]
+
+    def get(self, request, *args, pk: int, **kwargs):
+        if pk > MAX_ID:
+            raise Http404(_("No instance %(id)s, and no history of one.") % {"id": pk})
+        self.instance = ModelInstance.objects.select_related("model", "worker").filter(pk=pk).first()
+        return super().get(request, *args, pk=pk, **kwargs)
+
     def get_context_data(self, pk: int, **kwargs):
-        instance = get_object_or_404(ModelInstance.objects.select_related("model", "worker"), pk=pk)
-        events = list(instance.events.order_by("-id")[:TIMELINE_EVENTS])[::-1]
-        for event in events:
-            event.label = CAUSE_LABELS.get(event.cause, event.cause)
+        instance = self.instance
+        events = timeline(pk)
+        if instance is None:
+            gone = InstanceEvent.objects.filter(instance_id=pk, to_state=DELETED).order_by("-id").first()
+            if gone is None:
+                raise Http404(_("No instance %(id)s, and no history of one.") % {"id": pk})
+            model_id = gone.details.get("model_id")
+            return {**super().get_context_data(**kwargs), "gone": gone, "events": events, "instance_id": pk,
+                    "model_exists": bool(model_id) and Model.objects.filter(pk=model_id).exists(),
+                    "retention_days": f"{settings.EVENT_RETENTION_DAYS:g}"}
         claim = instance.computed_resource_claim or {}
         measured = instance.measured or {}
         indexes = sorted({*(claim.get("vram") or {}), *(measured.get("vram") or {})},
@@ -295,6 +325,31 @@ class InstanceDetailView(AdminRequiredMixin, TemplateView):
         return {**super().get_context_data(**kwargs), "instance": instance, "events": events, "memory": memory,
                 "claim_unknown": bool(claim.get("unknown")), "measured": measured, "measured_at": _moment(measured),
                 "why": instance.placement_explanation or {}}
+
+
+DELETED_SHOWN = 200  # the newest ones listed
+
+
+class DeletedInstancesView(AdminRequiredMixin, TemplateView):
+    """Instances deleted within AIMIND_EVENT_RETENTION_DAYS (all, or one model's with `?model=ID`), newest first:
+    each links to its kept history."""
+
+    template_name = "models/deleted.html"
+    extra_context = {"nav": "models"}
+    permissions = ("models_app.view_modelinstance",)
+
+    def get_context_data(self, **kwargs):
+        found = InstanceEvent.objects.filter(to_state=DELETED).order_by("-id")
+        raw = self.request.GET.get("model", "")
+        model_id = int(raw) if raw.isascii() and raw.isdigit() else None
+        if model_id is not None:
+            found = found.filter(details__model_id=model_id)
+        gone = list(found[:DELETED_SHOWN])
+        model_name = gone[0].details.get("model_name") if gone and model_id is not None else ""
+        if model_id is not None and not model_name:
+            model_name = Model.objects.filter(pk=model_id).values_list("name", flat=True).first() or ""
+        return {**super().get_context_data(**kwargs), "gone": gone, "model_id": model_id, "model_name": model_name,
+                "retention_days": f"{settings.EVENT_RETENTION_DAYS:g}"}
 
 
 def _moment(measured: dict) -> datetime | None:

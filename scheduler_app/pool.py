@@ -3,19 +3,27 @@
 A pass reads every worker and every claim, but a worker's inventory, labels and reservation, and most claims, change
 far less often than passes run. Each is parsed once per content and kept, keyed by the very text the pass read (inside
 its transaction, under its locks), so a kept parse is never stale: a changed row is a different key. What changes with
-every heartbeat, whether it is recent, is judged by the database in the same query.
+every heartbeat is kept out of that key: whether the heartbeat is recent is judged by the database in the same query,
+and a status's use figures (CPU, RAM and GPU `used`, `utilization`, `used_by_others`, new in every heartbeat) are cut
+out of its text, so a worker whose inventory is the same is not parsed again; of those figures the scheduler reads
+only what other processes hold on each GPU (`used_by_others`), taken from the text just read.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import timedelta
+from functools import partial
+from typing import NamedTuple
 
 from django.conf import settings
 from django.db.models import BooleanField, ExpressionWrapper, Q, TextField
+from django.db.models.base import ModelState
 from django.db.models.functions import Cast
+from django.db.models.signals import post_init, pre_init
 from django.utils import timezone
 
 from models_app.choices import ErrorKind, InstanceState
@@ -28,21 +36,119 @@ NO_SERVERS = ("[]", "")
 CLAIMS_KEPT = 10_000  # distinct claim texts kept between passes; past it the memo starts over
 
 
+USE_FIGURES = ("used", "used_by_others", "utilization")  # a status's figures that every heartbeat changes
+# One of them as written in the status's JSON text: the name, a complete JSON string (a quote inside a string is
+# escaped, so `"used":` cannot match inside one), followed by a number. re.split gives the text around the figures,
+# each figure's name, and its number.
+_FIGURE = re.compile(r'"(used|used_by_others|utilization)":\s*(-?[0-9][0-9.eE+-]*)')
+
+
+def _number(text: str) -> int | float:
+    """A JSON number as json.loads reads it: an int unless it has a fraction or an exponent."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _figures_in(node, found: list) -> None:
+    """The use figures in a parsed status, in the order they are written: (the dict holding it, name, number).
+    json.loads makes plain dicts, lists, ints and floats, so their types are compared, not tested for subclasses."""
+    if type(node) is dict:
+        for key, value in node.items():
+            kind = type(value)
+            if kind is int or kind is float:
+                if key in USE_FIGURES:
+                    found.append((node, key, value))
+            elif kind is dict or kind is list:
+                _figures_in(value, found)
+    elif type(node) is list:
+        for value in node:
+            kind = type(value)
+            if kind is dict or kind is list:
+                _figures_in(value, found)
+
+
+def _others_at(status, names: list[str], figures: list[str]) -> tuple[tuple[int, int], ...] | None:
+    """Where each GPU's `memory.used_by_others` is among the figures cut out of the text: (its position, the GPU's
+    index). None when the text and the parse do not agree figure for figure (then the worker is parsed every time)."""
+    found: list = []
+    _figures_in(status, found)
+    if len(found) != len(figures) or any(name != key or _number(figure) != value for (_, key, value), name, figure
+                                         in zip(found, names, figures, strict=True)):
+        return None
+    gpus = status.get("gpus") if isinstance(status, dict) else None
+    memories = {id(g.get("memory")): int(g.get("index", n)) for n, g in enumerate(gpus or [])
+                if isinstance(g, dict) and isinstance(g.get("memory"), dict)}
+    at = tuple((position, memories[id(holder)]) for position, (holder, key, _) in enumerate(found)
+               if key == "used_by_others" and id(holder) in memories)
+    if len(at) != sum("used_by_others" in g["memory"] for g in gpus or [] if isinstance(g, dict)
+                      and isinstance(g.get("memory"), dict)):
+        return None  # a GPU's used_by_others that is not a plain number: read from the parse, every time
+    return at
+
+
+class _KeptWorker(NamedTuple):
+    texts: tuple[str, str, str]  # labels, system_reserved, status, as last read
+    parsed: tuple[dict, dict, dict]  # labels, system_reserved, status (its use figures those of the first read)
+    shape: WorkerShape  # with used_by_others as last read
+    # Cut out of the status text when it first changes (a worker read once costs no more than a parse):
+    inventory: list[str] | None = None  # the status text around its use figures, with each figure's name
+    others_at: tuple[tuple[int, int], ...] | None = None  # see _others_at
+    others_read: list[str] | None = None  # the used_by_others figures as last read, in the order of others_at
+
+
+def _cut(status_text: str) -> tuple[list[str], list[str]]:
+    """A status's text around its use figures (with each figure's name), and the figures."""
+    inventory = _FIGURE.split(status_text or "")
+    figures = inventory[2::3]
+    del inventory[2::3]
+    return inventory, figures
+
+
 class _Parsed:
     """What was parsed from one content, kept between passes (never mutated once made)."""
 
-    _workers: dict[int, tuple[tuple, tuple[dict, dict, dict], WorkerShape]] = {}
+    _workers: dict[int, _KeptWorker] = {}
     _claims: dict[str, tuple[int, tuple[tuple[int, int], ...]]] = {}
     _servers: dict[str, list[tuple[int, tuple[int, tuple[tuple[int, int], ...]]]]] = {}
 
     @classmethod
-    def worker(cls, worker_id: int, texts: tuple) -> tuple[tuple[dict, dict, dict], WorkerShape]:
+    def worker(cls, worker_id: int, labels_text: str, reserved_text: str,
+               status_text: str) -> tuple[tuple[dict, dict, dict], WorkerShape]:
+        """The worker's labels, reservation and status, and its shape. The status is parsed again only when its text
+        changed outside its use figures; then the shape takes `used_by_others` from the figures just read. The status
+        returned is the kept parse: its use figures may be an earlier heartbeat's (the scheduler reads none of them
+        from it)."""
+        texts = (labels_text, reserved_text, status_text)
         kept = cls._workers.get(worker_id)
-        if kept is not None and kept[0] == texts:
-            return kept[1], kept[2]
-        labels, reserved, status = (json.loads(t) if t else {} for t in texts)
+        if kept is not None and kept.texts == texts:
+            return kept.parsed, kept.shape
+        if kept is not None and kept.texts[0] == labels_text and kept.texts[1] == reserved_text:
+            if kept.inventory is None:  # its first change: where the figures are in the text that was parsed
+                inventory, figures = _cut(kept.texts[2])
+                others_at = _others_at(kept.parsed[2], inventory[1::2], figures)
+                kept = kept._replace(inventory=inventory, others_at=others_at,
+                                     others_read=[figures[position] for position, _ in others_at or ()])
+            inventory, figures = _cut(status_text)
+            if kept.others_at is not None and kept.inventory == inventory:  # only its use figures changed
+                others_read = [figures[position] for position, _ in kept.others_at]
+                shape = kept.shape
+                if others_read != kept.others_read:
+                    try:
+                        sizes = list(map(int, others_read))
+                    except ValueError:  # a fraction or an exponent
+                        sizes = [int(_number(text)) for text in others_read]
+                    others = {index: size for (_, index), size in zip(kept.others_at, sizes, strict=True)
+                              if size > 0}
+                    if others != shape.gpu_others:
+                        shape = WorkerShape(shape.ram_total, shape.gpu_total, shape.gpu_order, shape.capacity, others)
+                cls._workers[worker_id] = _KeptWorker(texts, kept.parsed, shape, kept.inventory, kept.others_at,
+                                                      others_read)
+                return kept.parsed, shape
+        labels, reserved, status = (json.loads(t) if t else {} for t in (labels_text, reserved_text, status_text))
         shape = WorkerShape.of(status, reserved)
-        cls._workers[worker_id] = (texts, (labels, reserved, status), shape)
+        cls._workers[worker_id] = _KeptWorker(texts, (labels, reserved, status), shape)
         return (labels, reserved, status), shape
 
     @classmethod
@@ -97,7 +203,9 @@ def read_pool(exclude_instance_ids: Iterable[int] = (), lock: bool = False) -> l
     """Every worker, by id, with what it can still give. `lock`: take the workers' rows (in id order) first, so
     concurrent schedulers never book the same free memory twice; the claims are read after, under those locks.
     Each worker object is new, with the fields the scheduler reads (the others load when first used); its labels,
-    reservation and inventory are the kept parses, shared between passes: read them, never change them."""
+    reservation and status are the kept parses, shared between passes: read them, never change them. Its status is
+    current but for its use figures (`used`, `utilization`, `used_by_others`), which may be those of an earlier
+    heartbeat with the same inventory; the pool's own figures (`gpu_others`, `gpu_free`) are the row's."""
     cutoff = timezone.now() - timedelta(seconds=settings.WORKER_STALE_AFTER)
     rows = Worker.objects.order_by("id").annotate(
         heartbeat_fresh=ExpressionWrapper(Q(last_heartbeat_at__gt=cutoff), output_field=BooleanField()),
@@ -109,13 +217,28 @@ def read_pool(exclude_instance_ids: Iterable[int] = (), lock: bool = False) -> l
     rows = list(rows)
     placed = claims_by_worker(exclude_instance_ids)
     db = Worker.objects.db
+    as_loaded = _worker_as_loaded if not (pre_init.has_listeners(Worker) or post_init.has_listeners(Worker)) \
+        else partial(Worker.from_db, field_names=WORKER_FIELDS)
     pool = []
-    for worker_id, name, state, fresh, *texts in rows:
-        (labels, reserved, status), shape = _Parsed.worker(worker_id, tuple(texts))
-        worker = Worker.from_db(db, WORKER_FIELDS, (worker_id, name, labels, reserved, status, state))
+    for worker_id, name, state, fresh, labels_text, reserved_text, status_text in rows:
+        (labels, reserved, status), shape = _Parsed.worker(worker_id, labels_text, reserved_text, status_text)
+        worker = as_loaded(db, values=(worker_id, name, labels, reserved, status, state))
         pool.append(worker_resources(worker, shape, placed.get(worker_id), bool(fresh)))
     _Parsed.forget_workers_except({row[0] for row in rows})
     return pool
+
+
+def _worker_as_loaded(db: str, values: tuple) -> Worker:
+    """What Worker.from_db(db, WORKER_FIELDS, values) gives (the other fields deferred: loaded when first read),
+    made without Model.__init__'s walk over every field, which costs more than the rest of a pool read's work for a
+    worker: the values go into the instance's dict, where Model.__init__'s setattr puts them (plain fields have no
+    setter). Used only while nothing listens to Worker's init signals, which Model.__init__ would send."""
+    worker = object.__new__(Worker)
+    state = ModelState()
+    state.adding, state.db = False, db
+    vars(worker).update(zip(WORKER_FIELDS, values, strict=True))
+    worker._state = state
+    return worker
 
 
 def build_pool(workers: list[Worker], exclude_instance_ids: Iterable[int] = ()) -> dict[int, WorkerResources]:

@@ -4,6 +4,7 @@ GPU, what processes outside the product use (the worker measures it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from workers_app.models import Worker
 
@@ -82,9 +83,9 @@ class ClaimTotals:
             self.gpu_count[index] = self.gpu_count.get(index, 0) + 1
 
 
-@dataclass(frozen=True)
-class WorkerShape:
-    """What a worker offers before any claim, from its inventory and reservation (the same for many passes)."""
+class WorkerShape(NamedTuple):
+    """What a worker offers before any claim, from its inventory and reservation (the same for many passes). A tuple:
+    a pool read makes one for each worker whose GPUs other processes use differently since the last."""
 
     ram_total: int
     gpu_total: dict[int, int]
@@ -110,11 +111,14 @@ def worker_resources(worker: Worker, shape: WorkerShape, placed: ClaimTotals | N
                      heartbeat_fresh: bool) -> WorkerResources:
     """The worker's shape less its placed claims, added up (the same sums as booking them one by one), and less what
     other processes hold on its GPUs."""
-    gpu_free = {i: total - shape.gpu_others.get(i, 0) for i, total in shape.gpu_total.items()}
+    others = shape.gpu_others
+    gpu_free = {i: total - others.get(i, 0) for i, total in shape.gpu_total.items()} if others \
+        else shape.gpu_total.copy()
     gpu_instance_count = dict.fromkeys(gpu_free, 0)
-    res = WorkerResources(worker, ram_total=shape.ram_total, ram_free=shape.ram_total, gpu_total=dict(shape.gpu_total),
+    # gpu_total, gpu_order and gpu_others are the shape's own, shared: read them, never change them
+    res = WorkerResources(worker, ram_total=shape.ram_total, ram_free=shape.ram_total, gpu_total=shape.gpu_total,
                           gpu_free=gpu_free, gpu_instance_count=gpu_instance_count, heartbeat_fresh=heartbeat_fresh,
-                          gpu_order=shape.gpu_order, capacity=shape.capacity, gpu_others=shape.gpu_others)
+                          gpu_order=shape.gpu_order, capacity=shape.capacity, gpu_others=others)
     if placed is not None:
         res.instance_count = placed.count
         res.ram_free -= placed.ram

@@ -35,6 +35,7 @@ RULES = {
     r"^models/<int:pk>/edit/$": "page", r"^models/(?P<pk>": "page-post", r"^instances/<int:pk>/delete/$": "page-post",
     r"^instances/<int:pk>/logs/$": "page", r"^instances/<int:pk>/logs/download$": "page",
     r"^resources/$": "page", r"^resources/workers/<int:pk>/edit/$": "page", r"^instances/<int:pk>/$": "page",
+    r"^instances/deleted/$": "page",
     r"^dashboard/$": "page", r"^metrics$": "metrics",
     r"^keys/$": "page", r"^keys/new/$": "page", r"^keys/<int:pk>/edit/$": "page",
     r"^keys/<int:pk>/revoke/$": "page-post",
@@ -65,8 +66,8 @@ def kind_of(route: str) -> str | None:
         return exact[route.rstrip("$")]
     if route.startswith("^api/v1/") and route.split("/")[2] in ROUTER_KINDS:
         return ROUTER_KINDS[route.split("/")[2]]
-    for pattern, kind in RULES.items():
-        if route.startswith(pattern.rstrip("$")) or route == pattern:
+    for pattern, kind in RULES.items():  # a rule without its `$` covers the routes under it
+        if not pattern.endswith("$") and route.startswith(pattern):
             return kind
     return None
 

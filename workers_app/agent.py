@@ -399,15 +399,17 @@ class NodeAgent(Launching):
         if instance.state == S.STARTING:
             if time.monotonic() - proc.started_at > settings.BACKEND_START_TIMEOUT:
                 self.stop_instance(instance.pk)
-                self._report("failed", instance.pk, from_states=[S.STARTING],
+                self._report("failed", instance.pk, from_states=[S.STARTING], cause="health_failed",
                              message=f"backend did not answer {backend.health_path} within "
                                      f"{settings.BACKEND_START_TIMEOUT:.0f} s")
             return
         proc.health_failures += 1
         if proc.health_failures >= HEALTH_FAILURES_BEFORE_ERROR:
             self.stop_instance(instance.pk)
-            self._report("failed", instance.pk, message=f"backend stopped answering {backend.health_path}",
-                         from_states=[S.RUNNING, S.UNREACHABLE])
+            # Its process still runs (a crash is `_on_exit`'s, with the exit code): a failure of its own kind.
+            self._report("failed", instance.pk, cause="health_failed", from_states=[S.RUNNING, S.UNREACHABLE],
+                         message=f"backend stopped answering {backend.health_path} "
+                                 f"({HEALTH_FAILURES_BEFORE_ERROR} checks in a row); it was stopped")
 
     def shutdown(self) -> None:
         """End every backend and part this agent started; their instances start again when the worker returns."""

@@ -106,7 +106,9 @@ class ReportSerializer(serializers.Serializer):
     permanent = serializers.BooleanField(required=False, default=False)
     from_states = serializers.ListField(child=serializers.ChoiceField(choices=S.choices), required=False,
                                         max_length=16)
-    cause = serializers.CharField(required=False, default="worker_returned", max_length=64)
+    cause = serializers.CharField(required=False, default="", max_length=64, help_text=(
+        "returning: why (default worker_returned); failed: failed (default) or health_failed (the backend runs but "
+        "does not answer its health check)"))
     backend = serializers.CharField(required=False, allow_blank=True, default="", max_length=32)
     backend_version = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
     backend_api_key = serializers.CharField(required=False, allow_blank=True, default="", max_length=64)
@@ -117,6 +119,7 @@ class ReportSerializer(serializers.Serializer):
     attempt = serializers.IntegerField(required=False, min_value=0, default=0)
 
     BULK = ("alive", "returning")
+    FAILURE_CAUSES = ("failed", "health_failed")
 
     def validate(self, data):
         if data["event"] in self.BULK:
@@ -129,6 +132,9 @@ class ReportSerializer(serializers.Serializer):
             raise serializers.ValidationError({"port": "part_ready needs host, port and pid"})
         if data["event"] == "process" and not ("port" in data and "pid" in data):
             raise serializers.ValidationError({"port": "process needs port and pid"})
+        if data["event"] == "failed" and data["cause"] not in ("", *self.FAILURE_CAUSES):
+            raise serializers.ValidationError({"cause": f"a failure's cause is one of "
+                                                        f"{', '.join(self.FAILURE_CAUSES)}"})
         return data
 
 
@@ -147,7 +153,7 @@ def apply_report(worker: Worker, data: dict) -> tuple[bool, int | None]:
         return True, None
     if event == "returning":
         return bool(lifecycle.do_restart_on_returning_worker(data["instances"], name, data["message"],
-                                                             cause=data["cause"])), None
+                                                             cause=data["cause"] or "worker_returned")), None
     instance = ModelInstance.objects.select_related("model").filter(pk=data["instance"]).first()
     if instance is None:
         return False, None
@@ -191,8 +197,8 @@ def apply_report(worker: Worker, data: dict) -> tuple[bool, int | None]:
     if event == "failed":
         states = data.get("from_states") or [S.SCHEDULED, S.DOWNLOADING, S.INITIALIZING, S.STARTING, S.RUNNING,
                                              S.UNREACHABLE]
-        return lifecycle.do_fail_instance(instance, data["message"], from_states=states,
-                                          permanent=data["permanent"]), instance.pk
+        return lifecycle.do_fail_instance(instance, data["message"], from_states=states, permanent=data["permanent"],
+                                          cause=data["cause"] or "failed"), instance.pk
     # restart: due now; a distributed one only while every worker of its parts is ready, else placed again
     if not _participants_ready(instance):
         lifecycle.do_unplace([instance.pk], "a worker of its RPC servers is not ready; placing the instance again",

@@ -7,7 +7,7 @@ from django.template.defaultfilters import filesizeformat
 from django.utils.formats import number_format
 from django.utils.html import format_html
 
-from models_app.choices import CategoryChoices, InstanceState
+from models_app.choices import EVENT_STATE_CHOICES, CategoryChoices, InstanceState
 from workers_app.choices import WorkerState
 
 register = template.Library()
@@ -16,7 +16,7 @@ register = template.Library()
 @register.simple_tag
 def state_badge(state: str, progress: float | None = None, count: int | None = None):
     """A coloured badge with the state's label (in the page's language), a download's percent, a count."""
-    label = InstanceState(state).label if state in InstanceState.values else state
+    label = InstanceState(state).label if state in InstanceState.values else dict(EVENT_STATE_CHOICES).get(state, state)
     extra = ""
     if state == InstanceState.DOWNLOADING and progress is not None:
         extra = f" {number_format(progress, 0)}%"

@@ -7,6 +7,7 @@ from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
+from scheduler_app.scorers import best_gpu
 from scheduler_app.selectors.common import (
     Candidate,
     Reasons,
@@ -36,6 +37,7 @@ def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], re
         return []  # one worker would ignore GPUs picked on the others
     claim = est.claim(offload_layers=est.total_layers, gpu_count=1)
     need, ram = claim.vram.get(0, 0), claim.ram
+    strategy = model.placement_strategy
     found = []
     for res in pool:
         gpus = allowed_on(picked, res)
@@ -43,8 +45,8 @@ def single_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], re
             continue
         free = res.gpu_free
         fitting = [i for i in gpus if need <= free[i]] if ram <= res.ram_free else None
-        if fitting:
-            found += [llama_box_candidate(res, [i], claim, est) for i in fitting]
+        if fitting:  # the one of them the strategy ranks first (scorers.best_gpu)
+            found.append(llama_box_candidate(res, [best_gpu(res, fitting, strategy)], claim, est))
         elif fitting is None:
             reasons.add(res.worker.name, f"needs {gib(ram)} RAM, has {gib(res.ram_free)} free")
         else:

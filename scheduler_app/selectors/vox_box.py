@@ -8,6 +8,7 @@ from models_app.models import Model
 from scheduler_app.estimate import ModelEstimate
 from scheduler_app.filters import parse_gpu_ids
 from scheduler_app.resources import WorkerResources, gib
+from scheduler_app.scorers import best_gpu
 from scheduler_app.selectors.common import Candidate, Reasons, allowed_on, make_claim, per_worker
 
 
@@ -19,8 +20,9 @@ def one_gpu(model: Model, est: ModelEstimate, pool: list[WorkerResources], reaso
     for res in pool:
         gpus = allowed_on(picked, res)
         fitting = [i for i in gpus if need <= res.gpu_free[i]]
-        found += [Candidate(res, [i], partial(make_claim, ram=0, vram={i: need}, unknown=not est.known))
-                  for i in fitting]
+        if fitting:  # the one of them the strategy ranks first (scorers.best_gpu)
+            i = best_gpu(res, fitting, model.placement_strategy)
+            found.append(Candidate(res, [i], partial(make_claim, ram=0, vram={i: need}, unknown=not est.known)))
         if gpus and not fitting:
             roomiest = max(gpus, key=lambda i: res.gpu_free[i])
             reasons.add(res.worker.name, f"needs {gib(need)} VRAM on 1 GPU, largest free is "

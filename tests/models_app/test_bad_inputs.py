@@ -54,6 +54,24 @@ def test_deeply_nested_json_is_a_400(api):
     assert response.status_code == 400 and "nested too deeply" in response.json()["detail"]
 
 
+HUGE_ID = "9" * 25  # past the largest id a row can have
+
+
+@pytest.mark.parametrize("path", [f"/api/v1/instances/{HUGE_ID}", f"/api/v1/instances/{HUGE_ID}/events",
+                                  f"/api/v1/models/{HUGE_ID}"])
+def test_an_id_past_any_rows_is_a_404(api, path):
+    assert api.get(path).status_code == 404
+
+
+def test_an_instance_page_past_any_rows_is_a_404(admin_client):
+    assert admin_client.get(f"/instances/{HUGE_ID}/").status_code == 404
+
+
+def test_a_model_id_past_any_rows_is_refused_naming_it(api):
+    response = api.get(f"/api/v1/instances/deleted?model={HUGE_ID}")
+    assert response.status_code == 400 and "model" in response.json()
+
+
 def test_lists_are_bounded_and_say_how_many_there_are(api):
     make_worker("w")
     for n in range(3):

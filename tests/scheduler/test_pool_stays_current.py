@@ -7,6 +7,7 @@ import random
 from datetime import timedelta
 
 import pytest
+from django.db.models.signals import post_init
 from django.utils import timezone
 
 from models_app import actions
@@ -120,6 +121,102 @@ def test_the_pool_read_for_a_pass_matches_the_workers_as_loaded(register, deploy
         for field in ("id", "name", "state", "labels", "system_reserved", "status"):
             assert getattr(res.worker, field) == getattr(other.worker, field), (res.worker.name, field)
         assert res.worker.last_heartbeat_at == other.worker.last_heartbeat_at  # not read by the pass: loaded on use
+        assert (res.worker._state.adding, res.worker._state.db) == (False, other.worker._state.db)
+
+
+@pytest.mark.django_db
+def test_a_listener_to_workers_being_made_hears_of_the_pools_workers_too():
+    make_worker("a", status=gpu_status([24]))
+    heard = []
+
+    def listener(sender, instance, **kwargs):
+        heard.append(instance.name)
+
+    post_init.connect(listener, sender=Worker)
+    try:
+        [res] = read_pool()
+    finally:
+        post_init.disconnect(listener, sender=Worker)
+    assert heard == ["a"] and res.gpu_total == {0: 24 * GIB}
+
+
+@pytest.mark.django_db
+def test_a_heartbeat_that_changes_only_use_figures_keeps_the_parse_and_brings_what_others_hold():
+    worker = make_worker("a", status=gpu_status([24, 24]))
+    status = gpu_status([24, 24])
+    status["cpu"]["utilization"] = 0
+    status["gpus"][0]["memory"]["used_by_others"] = 3 * GIB
+    worker_actions.do_heartbeat(worker, status)
+    first = free("a")
+    assert first.gpu_others == {0: 3 * GIB} and first.gpu_free == {0: 21 * GIB, 1: 24 * GIB}
+    for beat, others in enumerate([GIB, 0, 5 * GIB], 1):  # what heartbeats change: use, and others' VRAM
+        status["cpu"]["utilization"] = 10 * beat
+        status["memory"]["used"] = beat * GIB
+        status["gpus"][0]["memory"].update(used=beat * GIB + others, used_by_others=others)
+        status["gpus"][1]["core"]["utilization"] = 20 * beat
+        worker_actions.do_heartbeat(worker, status)
+        now = free("a")
+        assert now.worker.status is first.worker.status  # not parsed again
+        assert now.gpu_others == ({0: others} if others else {})
+        assert now.gpu_free == {0: 24 * GIB - others, 1: 24 * GIB} and now.gpu_total == first.gpu_total
+    status["gpus"][1]["memory"]["total"] = 48 * GIB  # a new inventory: parsed again
+    worker_actions.do_heartbeat(worker, status)
+    now = free("a")
+    assert now.worker.status is not first.worker.status and now.worker.status == status
+    assert now.gpu_total == {0: 24 * GIB, 1: 48 * GIB} and now.gpu_free == {0: 19 * GIB, 1: 48 * GIB}
+
+
+def _use_figures_out(node):
+    """A status without its use figures (what a kept parse may hold from an earlier heartbeat)."""
+    if isinstance(node, dict):
+        return {k: _use_figures_out(v) for k, v in node.items()
+                if not (k in ("used", "used_by_others", "utilization") and type(v) in (int, float))}
+    if isinstance(node, list):
+        return [_use_figures_out(v) for v in node]
+    return node
+
+
+def _heartbeat_status(rng: random.Random, gpus: list[int], ram_gib: int) -> dict:
+    """A status as a worker may send it: its use figures new each time, in any form JSON allows, among strings and
+    keys that look like them."""
+    def figure():
+        if rng.random() < 0.03:
+            return rng.choice([None, True])  # not a number: such a worker is parsed every time
+        return rng.choice([0, rng.randrange(1, 80 * GIB), -rng.randrange(1, GIB), rng.random() * 1e10, 1.5e9, 0.0])
+
+    status = {"cpu": {"total": 8, "utilization": rng.choice([0, 12, 99.5])},
+              "memory": {"total": ram_gib * GIB, "used": figure()}, "gpus": []}
+    for index, total in enumerate(gpus):
+        memory = {"total": total * GIB, "used": figure()}
+        if index % 2 == 0 or rng.random() < 0.1:  # mostly the same GPUs report it
+            memory["used_by_others"] = figure()
+        status["gpus"].append({"index": index, "name": 'GPU "used": 5', "memory": memory,
+                               "core": {"utilization": rng.randrange(101)}})
+    status["backends"] = {"llama-box": {"installable": True, "reason": '{"used_by_others": 7, "used": 1}',
+                                        "used": "n/a", "installed": ["0.3.36"]}}
+    return status
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.django_db
+def test_the_pool_read_after_heartbeats_matches_the_workers_as_loaded(seed):
+    """Heartbeats change the use figures every time and the inventory now and then: what the pool reads, with its kept
+    parses, is what a fresh parse of the rows gives."""
+    rng = random.Random(seed)
+    shapes = {make_worker(f"w{n}").pk: ([rng.choice([8, 24, 80]) for _ in range(n % 4)], 64) for n in range(6)}
+    for _ in range(30):
+        for pk, (gpus, ram_gib) in shapes.items():
+            if rng.random() < 0.1:
+                gpus.append(24)  # a new GPU: a new inventory
+            if rng.random() < 0.8:
+                Worker.objects.filter(pk=pk).update(status=_heartbeat_status(rng, gpus, ram_gib))
+        read = read_pool()
+        loaded = build_pool(list(Worker.objects.order_by("id")))
+        for res in read:
+            other = loaded[res.worker.id]
+            for field in ("ram_total", "ram_free", "gpu_total", "gpu_free", "gpu_others", "gpu_order", "capacity"):
+                assert getattr(res, field) == getattr(other, field), (res.worker.name, field)
+            assert _use_figures_out(res.worker.status) == _use_figures_out(other.worker.status)
 
 
 def test_the_garbage_collector_is_back_as_it_was_after_a_pass(db):

@@ -1,6 +1,13 @@
 """Spread puts replicas where the least is placed; binpack fills the fullest worker that still fits."""
 
+import random
+
 import pytest
+
+from scheduler_app.resources import WorkerResources
+from scheduler_app.scorers import best_gpu, score
+from scheduler_app.selectors import Candidate
+from workers_app.models import Worker
 
 pytestmark = pytest.mark.django_db
 
@@ -49,3 +56,17 @@ def test_a_burst_never_double_books_a_gpu(register, deploy, llama_8b):
     assert sum(int(i.computed_resource_claim["vram"]["0"]) for i in placed) <= 16 * 1024**3
     waiting = [i for i in instances if i.state == "pending"]
     assert len(waiting) == 2 and "largest free is" in waiting[0].state_message
+
+
+@pytest.mark.parametrize("strategy", ["spread", "binpack"])
+def test_a_worker_offers_the_gpu_a_score_of_all_its_gpus_would_rank_first(strategy):
+    """The one-GPU selectors offer one candidate per worker (scorers.best_gpu): the one that would come first among
+    all of its GPUs, so the pass chooses as it would from all of them."""
+    rng = random.Random(7)
+    for n in range(200):
+        indexes = rng.sample(range(8), rng.randint(1, 8))  # in any order, as gpu_selector may name them
+        counts = {i: rng.choice([0, 0, 1, 2, 3]) for i in indexes}
+        res = WorkerResources(Worker(id=n, name=f"w{n}"), ram_total=1, ram_free=1, gpu_total=dict.fromkeys(counts, 1),
+                              gpu_free=dict.fromkeys(counts, 1), gpu_instance_count=counts)
+        by_score = min((Candidate(res, [i], dict) for i in indexes), key=lambda c: score(c, strategy))
+        assert best_gpu(res, indexes, strategy) == by_score.gpu_indexes[0]
