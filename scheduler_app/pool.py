@@ -37,6 +37,7 @@ CLAIMS_KEPT = 10_000  # distinct claim texts kept between passes; past it the me
 
 
 USE_FIGURES = ("used", "used_by_others", "utilization")  # a status's figures that every heartbeat changes
+_USE_FIGURES = frozenset(USE_FIGURES)
 # One of them as written in the status's JSON text: the name, a complete JSON string (a quote inside a string is
 # escaped, so `"used":` cannot match inside one), followed by a number. re.split gives the text around the figures,
 # each figure's name, and its number.
@@ -51,18 +52,17 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def _figures_in(node, found: list) -> None:
+def _figures_in(node: dict | list, found: list) -> None:
     """The use figures in a parsed status, in the order they are written: (the dict holding it, name, number).
-    json.loads makes plain dicts, lists, ints and floats, so their types are compared, not tested for subclasses."""
+    json.loads makes plain dicts, lists, ints and floats (a bool is not an int here), so types are compared."""
     if type(node) is dict:
         for key, value in node.items():
             kind = type(value)
-            if kind is int or kind is float:
-                if key in USE_FIGURES:
-                    found.append((node, key, value))
-            elif kind is dict or kind is list:
+            if kind is dict or kind is list:
                 _figures_in(value, found)
-    elif type(node) is list:
+            elif key in _USE_FIGURES and (kind is int or kind is float):
+                found.append((node, key, value))
+    else:
         for value in node:
             kind = type(value)
             if kind is dict or kind is list:
@@ -72,12 +72,17 @@ def _figures_in(node, found: list) -> None:
 def _others_at(status, names: list[str], figures: list[str]) -> tuple[tuple[int, int], ...] | None:
     """Where each GPU's `memory.used_by_others` is among the figures cut out of the text: (its position, the GPU's
     index). None when the text and the parse do not agree figure for figure (then the worker is parsed every time)."""
+    if type(status) is not dict:
+        return None
     found: list = []
     _figures_in(status, found)
-    if len(found) != len(figures) or any(name != key or _number(figure) != value for (_, key, value), name, figure
-                                         in zip(found, names, figures, strict=True)):
+    try:
+        numbers = list(map(int, figures))
+    except ValueError:  # a fraction or an exponent
+        numbers = [_number(figure) for figure in figures]
+    if [key for _, key, _ in found] != names or [value for _, _, value in found] != numbers:
         return None
-    gpus = status.get("gpus") if isinstance(status, dict) else None
+    gpus = status.get("gpus")
     memories = {id(g.get("memory")): int(g.get("index", n)) for n, g in enumerate(gpus or [])
                 if isinstance(g, dict) and isinstance(g.get("memory"), dict)}
     at = tuple((position, memories[id(holder)]) for position, (holder, key, _) in enumerate(found)
